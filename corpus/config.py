@@ -1,0 +1,367 @@
+"""The sources manifest: one YAML file that names a run's sources and its pipeline settings.
+
+Everything is validated when the file is loaded, before any work starts: an unknown key, an unknown
+source kind, a missing path, a duplicate name or a path escaping the manifest's directory raises a
+`ManifestError` that names the file, the field and the bad value. Relative paths resolve against the
+manifest's own directory, so a manifest and its data can move together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCE_KINDS = (
+    "python_stdlib",
+    "pydoc_topics",
+    "installed_licenses",
+    "text_files",
+    "jsonl",
+    "parquet",
+)
+PATH_KINDS = ("text_files", "jsonl", "parquet")
+PROFILES = ("prose", "code", "legal")
+# A source name is a Dagster partition key and a directory name in the lake.
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ManifestError(ValueError):
+    """The sources manifest is invalid; the message names the file, the field and the value."""
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Quality-rule thresholds; a source's `profile` picks the defaults (see corpus.filters)."""
+
+    min_chars: int | None = None
+    max_chars: int | None = None
+    min_words: int | None = None
+    max_words: int | None = None
+    min_alpha_fraction: float | None = None
+    max_symbol_fraction: float | None = None
+    max_drop_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("min_chars", "max_chars", "min_words", "max_words"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"filters.{name} must be >= 0, got {value!r}")
+        for name in ("min_alpha_fraction", "max_symbol_fraction", "max_drop_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"filters.{name} must be in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Exact and MinHash near-duplicate settings (see corpus.minhash for the S-curve)."""
+
+    shingle_size: int = 5
+    num_perm: int = 112
+    bands: int = 14
+    rows: int = 8
+    threshold: float = 0.8
+    max_duplicate_ratio: float = 0.04
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.shingle_size < 1:
+            raise ValueError(f"dedup.shingle_size must be >= 1, got {self.shingle_size!r}")
+        if self.bands < 1 or self.rows < 1:
+            raise ValueError(f"dedup.bands and dedup.rows must be >= 1, got {self.bands}x{self.rows}")
+        if self.bands * self.rows > self.num_perm:
+            raise ValueError(
+                f"dedup.bands x dedup.rows = {self.bands * self.rows} exceeds dedup.num_perm = {self.num_perm}"
+            )
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"dedup.threshold must be in (0, 1], got {self.threshold!r}")
+        if not 0.0 <= self.max_duplicate_ratio <= 1.0:
+            raise ValueError(f"dedup.max_duplicate_ratio must be in [0, 1], got {self.max_duplicate_ratio!r}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The smoke-training run: a tiny GPT, a few optimizer steps over the verified shards."""
+
+    steps: int = 50
+    batch_size: int = 8
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    learning_rate: float = 3e-3
+    min_loss_drop: float = 0.05
+    require_gpu: bool = False
+    eval_batches: int = 4
+    # The loss-drop check compares the mean of the first k step losses with the mean of the last k,
+    # k = min(loss_window, steps // 2) (see corpus.train).
+    loss_window: int = 5
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables it
+    dropout: float = 0.0
+    # Gradient-similarity poisoning scan (corpus.poison): samples scanned, per-sample gradients per vmap
+    # chunk (memory ~ chunk x scanned parameters), and the robust z-score below which a sample is flagged.
+    scan_samples: int = 512
+    scan_chunk_size: int = 16
+    scan_z_threshold: float = -3.5
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "eval_batches",
+            "loss_window",
+            "scan_samples",
+            "scan_chunk_size",
+        ):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"training.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        if self.learning_rate <= 0:
+            raise ValueError(f"training.learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"training.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"training.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.scan_z_threshold >= 0:
+            raise ValueError(
+                f"training.scan_z_threshold must be < 0 (flags low similarity), got {self.scan_z_threshold!r}"
+            )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Run-wide settings. Every key is optional in the manifest; these are the defaults."""
+
+    encoding: str = "gpt2"
+    max_length: int = 256
+    stride: int = 256
+    temperature: float = 0.7
+    validation_fraction: float = 0.01
+    seed: int = 1234
+    token_budget: int | None = None
+    max_epochs: float = 4.0
+    windows_per_shard: int = 4096
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.encoding != "gpt2":
+            raise ValueError(f"pipeline.encoding: only 'gpt2' is supported, got {self.encoding!r}")
+        if self.max_length < 1:
+            raise ValueError(f"pipeline.max_length must be >= 1, got {self.max_length!r}")
+        if self.stride < 1:
+            raise ValueError(f"pipeline.stride must be >= 1, got {self.stride!r}")
+        if not 0.0 < self.temperature <= 1.0:
+            raise ValueError(f"pipeline.temperature must be in (0, 1], got {self.temperature!r}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"pipeline.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"pipeline.token_budget must be >= 1 when set, got {self.token_budget!r}")
+        if self.max_epochs <= 0:
+            raise ValueError(f"pipeline.max_epochs must be > 0, got {self.max_epochs!r}")
+        if self.windows_per_shard < 1:
+            raise ValueError(f"pipeline.windows_per_shard must be >= 1, got {self.windows_per_shard!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source of documents. `path` is absolute after loading."""
+
+    name: str
+    kind: str
+    profile: str = "prose"
+    path: Path | None = None
+    glob: str = "**/*.txt"
+    text_field: str = "text"
+    text_column: str = "text"
+    languages: tuple[str, ...] = ("en",)
+    priority: int = 0
+    weight: float | None = None
+    min_share: float | None = None
+    max_share: float | None = None
+    max_epochs: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["path"] = None if self.path is None else str(self.path)
+        out["languages"] = list(self.languages)
+        return out
+
+
+@dataclass(frozen=True)
+class SourcesManifest:
+    path: Path
+    sha256: str
+    pipeline: PipelineConfig
+    sources: tuple[SourceSpec, ...]
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def source(self, name: str) -> SourceSpec:
+        for spec in self.sources:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"no source named {name!r} in {self.path} (sources: {', '.join(self.source_names)})")
+
+
+_SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceSpec)} - {"priority"}
+
+
+def _section(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{where} must be a mapping, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: {exc}") from exc
+
+
+def _pipeline(raw: Any, where: str) -> PipelineConfig:
+    if raw is None:
+        return PipelineConfig()
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{where}: 'pipeline' must be a mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    sections = {
+        "filters": _section(FilterConfig, raw.pop("filters", None), f"{where}: pipeline.filters"),
+        "dedup": _section(DedupConfig, raw.pop("dedup", None), f"{where}: pipeline.dedup"),
+        "training": _section(TrainingConfig, raw.pop("training", None), f"{where}: pipeline.training"),
+    }
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ManifestError(f"{where}: unknown pipeline key(s) {unknown}; known keys: {sorted(known)}")
+    try:
+        return PipelineConfig(**raw, **sections)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{where}: {exc}") from exc
+
+
+def _source(raw: Any, index: int, root: Path, where: str) -> SourceSpec:
+    at = f"{where}: sources[{index}]"
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{at} must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - _SOURCE_KEYS)
+    if unknown:
+        raise ManifestError(f"{at}: unknown key(s) {unknown}; known keys: {sorted(_SOURCE_KEYS)}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not SOURCE_NAME.match(name):
+        raise ManifestError(f"{at}.name must match {SOURCE_NAME.pattern} (letters, digits, _ . -), got {name!r}")
+    at = f"{where}: source {name!r}"
+    kind = raw.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ManifestError(f"{at}: unknown kind {kind!r}; known kinds: {', '.join(SOURCE_KINDS)}")
+    profile = raw.get("profile", "prose")
+    if not isinstance(profile, str) or not profile:
+        raise ManifestError(f"{at}: profile must be a non-empty string, got {profile!r}")
+    fields: dict[str, Any] = {k: v for k, v in raw.items() if k not in ("name", "kind", "profile", "path")}
+    if "languages" in fields:
+        langs = fields["languages"]
+        if isinstance(langs, str):
+            langs = [langs]
+        if not isinstance(langs, list) or not all(isinstance(x, str) for x in langs):
+            raise ManifestError(f"{at}: languages must be a list of language codes, got {raw['languages']!r}")
+        fields["languages"] = tuple(langs)
+    for key in ("weight", "min_share", "max_share", "max_epochs"):
+        value = fields.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ManifestError(f"{at}: {key} must be a non-negative number, got {value!r}")
+        if key in ("min_share", "max_share") and value > 1:
+            raise ManifestError(f"{at}: {key} must be in [0, 1], got {value!r}")
+    path: Path | None = None
+    if kind in PATH_KINDS:
+        raw_path = raw.get("path")
+        if not isinstance(raw_path, str) or not raw_path:
+            raise ManifestError(f"{at}: kind {kind!r} needs a 'path'")
+        candidate = Path(raw_path).expanduser()
+        if not candidate.is_absolute():
+            candidate = (root / candidate).resolve()
+            if not candidate.is_relative_to(root.resolve()):
+                raise ManifestError(
+                    f"{at}: path {raw_path!r} escapes the manifest's directory {root}; use an absolute path"
+                )
+        if not candidate.exists():
+            raise ManifestError(f"{at}: path {raw_path!r} does not exist (resolved to {candidate})")
+        if kind == "text_files" and not candidate.is_dir():
+            raise ManifestError(f"{at}: kind 'text_files' needs a directory, {candidate} is not one")
+        if kind in ("jsonl", "parquet") and not candidate.is_file():
+            raise ManifestError(f"{at}: kind {kind!r} needs a file, {candidate} is not one")
+        path = candidate
+    elif "path" in raw:
+        raise ManifestError(f"{at}: kind {kind!r} takes no 'path'")
+    glob = fields.get("glob", "**/*.txt")
+    if not isinstance(glob, str) or not glob or glob.startswith("/") or ".." in Path(glob).parts:
+        raise ManifestError(f"{at}: glob {glob!r} must be a relative pattern that stays inside the source directory")
+    try:
+        return SourceSpec(name=name, kind=kind, profile=profile, path=path, priority=index, **fields)
+    except TypeError as exc:
+        raise ManifestError(f"{at}: {exc}") from exc
+
+
+def load_manifest(path: str | Path) -> SourcesManifest:
+    """Read and validate a sources manifest; raise `ManifestError` before any work is done."""
+    manifest_path = Path(path).expanduser().resolve()
+    if not manifest_path.is_file():
+        raise ManifestError(f"sources manifest {manifest_path} does not exist")
+    data = manifest_path.read_bytes()
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ManifestError(f"{manifest_path}: not valid UTF-8 YAML: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise ManifestError(f"{manifest_path}: expected a mapping with 'pipeline' and 'sources'")
+    unknown = sorted(set(raw) - {"pipeline", "sources"})
+    if unknown:
+        raise ManifestError(f"{manifest_path}: unknown top-level key(s) {unknown}; known: ['pipeline', 'sources']")
+    where = str(manifest_path)
+    pipeline = _pipeline(raw.get("pipeline"), where)
+    raw_sources = raw.get("sources")
+    if not isinstance(raw_sources, list) or not raw_sources:
+        raise ManifestError(f"{manifest_path}: 'sources' must be a non-empty list")
+    root = manifest_path.parent
+    sources = tuple(_source(item, i, root, where) for i, item in enumerate(raw_sources))
+    seen: set[str] = set()
+    for spec in sources:
+        if spec.name in seen:
+            raise ManifestError(f"{manifest_path}: duplicate source name {spec.name!r}")
+        seen.add(spec.name)
+    return SourcesManifest(
+        path=manifest_path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        pipeline=pipeline,
+        sources=sources,
+    )
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of the canonical JSON form of a config object (sorted keys, no whitespace)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
