@@ -108,15 +108,17 @@ def publish(
             metadata[name] = dg.MetadataValue.text(value)
         else:
             metadata[name] = dg.MetadataValue.json(value)
-    problems = reconcile(version, upstream)
-    check_results = [
-        dg.AssetCheckResult(
-            check_name=COUNTS_CHECK,
-            passed=not problems,
-            metadata={"problems": dg.MetadataValue.json(problems), "counts": dg.MetadataValue.json(counts)},
-        ),
-        *checks,
-    ]
+    check_results = list(checks)
+    if any(spec.name == COUNTS_CHECK for spec in context.assets_def.check_specs):
+        problems = reconcile(version, upstream)
+        check_results.insert(
+            0,
+            dg.AssetCheckResult(
+                check_name=COUNTS_CHECK,
+                passed=not problems,
+                metadata={"problems": dg.MetadataValue.json(problems), "counts": dg.MetadataValue.json(counts)},
+            ),
+        )
     context.log.info(f"{version.asset}[{partition or UNPARTITIONED}] -> {version.version[:16]} {counts}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.version), metadata=metadata, check_results=check_results

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import dedup, quality, raw, tokens
+from assets import dedup, mixing, quality, raw, release, shards, tokens, training
 from corpus.config import load_manifest
 from orchestration.resources import PipelineResource, default_lake, default_sources
 
@@ -34,6 +34,20 @@ PHASES = (
     Phase("ingest", ("raw_documents", "filtered_documents", "minhash_signatures"), True, "read, filter, sign"),
     Phase("cluster", ("duplicate_clusters",), False, "cluster duplicates across sources"),
     Phase("tokenize", ("deduplicated_documents", "tokenized_documents"), True, "deduplicate, tokenize"),
+    Phase(
+        "release",
+        (
+            "mixture_plan",
+            "mixed_tokens",
+            "training_windows",
+            "packed_sequences",
+            "dataset_release",
+            "smoke_training",
+            "poisoning_scan",
+        ),
+        False,
+        "mix, shard, release, smoke-train",
+    ),
 )
 
 
@@ -42,7 +56,8 @@ def build_definitions(sources: Path | None = None, lake: Path | None = None) -> 
     lake = lake or default_lake()
     manifest = load_manifest(sources)
     partitions = dg.StaticPartitionsDefinition(manifest.source_names)
-    assets = [*raw.build(partitions), *quality.build(partitions), *dedup.build(partitions), *tokens.build(partitions)]
+    modules = (raw, quality, dedup, tokens, mixing, shards, release, training)
+    assets = [asset for module in modules for asset in module.build(partitions)]
     jobs = [
         dg.define_asset_job(
             phase.job,

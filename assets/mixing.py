@@ -1,0 +1,87 @@
+"""mixture_plan and mixed_tokens: temperature-weighted shares, then the interleaved training stream."""
+
+import base64
+
+import dagster as dg
+
+from assets._common import counts_check_spec, publish, upstream_version
+from corpus.stages.mixing import (
+    MIXED_CODE_VERSION,
+    PLAN_CODE_VERSION,
+    SHARE_TOLERANCE_PP,
+    build_mixed_tokens,
+    build_mixture_plan,
+)
+from orchestration.resources import PipelineResource
+
+SHARE_CHECK = "realized_share_matches_plan"
+LEAK_CHECK = "no_validation_document_in_training"
+
+
+def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        deps=["tokenized_documents"],
+        code_version=PLAN_CODE_VERSION,
+        group_name="mixing",
+        kinds={"parquet"},
+        check_specs=[counts_check_spec("mixture_plan")],
+    )
+    def mixture_plan(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
+        """Per source: raw token share w_i, temperature weight p_i, target tokens, epochs; validation split."""
+        manifest = pipeline.manifest()
+        tokenized = [upstream_version(context, pipeline, "tokenized_documents", n) for n in manifest.source_names]
+        with pipeline.store().writer("mixture_plan") as writer:
+            output = build_mixture_plan(tokenized, manifest, writer)
+        return publish(context, pipeline, output, upstream=tokenized)
+
+    @dg.asset(
+        deps=["mixture_plan", "tokenized_documents"],
+        code_version=MIXED_CODE_VERSION,
+        group_name="mixing",
+        kinds={"numpy"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                SHARE_CHECK,
+                asset="mixed_tokens",
+                blocking=True,
+                description=f"Realized share within {SHARE_TOLERANCE_PP} pp of the plan's target.",
+            ),
+            dg.AssetCheckSpec(
+                LEAK_CHECK,
+                asset="mixed_tokens",
+                blocking=True,
+                description="No validation document appears in the training stream.",
+            ),
+        ],
+    )
+    def mixed_tokens(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
+        """The training order of documents, sources interleaved, with a held-out validation split."""
+        manifest = pipeline.manifest()
+        plan = upstream_version(context, pipeline, "mixture_plan")
+        tokenized = [upstream_version(context, pipeline, "tokenized_documents", n) for n in manifest.source_names]
+        with pipeline.store().writer("mixed_tokens") as writer:
+            output = build_mixed_tokens(plan, tokenized, manifest, writer)
+        png = output.version.file("shares.png").read_bytes()
+        output.markdown = (
+            f"![shares](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"
+            "| source | natural | temperature | target | realized | error (pp) | epochs |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |\n"
+            + "\n".join(
+                f"| {r['source']} | {r['natural_share']:.4f} | {r['temperature_share']:.4f} | "
+                f"{r['target_share']:.4f} | {r['realized_share']:.4f} | {r['share_error_pp']:+.3f} | {r['epochs']:.2f} |"
+                for r in output.tables["mixture"]
+            )
+        )
+        worst = float(output.summary["worst_share_error_pp"])
+        leaks = int(output.summary["validation_leaks"])
+        checks = [
+            dg.AssetCheckResult(
+                check_name=SHARE_CHECK,
+                passed=worst <= SHARE_TOLERANCE_PP,
+                metadata={"worst_error_pp": worst, "tolerance_pp": SHARE_TOLERANCE_PP},
+            ),
+            dg.AssetCheckResult(check_name=LEAK_CHECK, passed=leaks == 0, metadata={"leaked_documents": leaks}),
+        ]
+        return publish(context, pipeline, output, upstream=[plan], checks=checks)
+
+    return [mixture_plan, mixed_tokens]
