@@ -68,7 +68,8 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
             "| --- | --- | --- | --- | --- | --- | --- |\n"
             + "\n".join(
                 f"| {r['source']} | {r['natural_share']:.4f} | {r['temperature_share']:.4f} | "
-                f"{r['target_share']:.4f} | {r['realized_share']:.4f} | {r['share_error_pp']:+.3f} | {r['epochs']:.2f} |"
+                f"{r['target_share']:.4f} | {r['realized_share']:.4f} | {r['share_error_pp']:+.3f} | "
+                f"{r['epochs']:.2f} |"
                 for r in output.tables["mixture"]
             )
         )

@@ -39,25 +39,170 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """Quality-rule thresholds; a source's `profile` picks the defaults (see corpus.filters)."""
+    """Quality-filter settings (`pipeline.filters`); corpus.filters.rules documents every rule.
+
+    A threshold left at None takes the source profile's default (`PROFILE_DEFAULTS` in
+    corpus/filters/rules.py); a value set here overrides it for every profile. `profiles` overrides
+    thresholds per profile name and wins over the top level; a name that is not prose/code/legal starts
+    from the prose defaults, and inside `profiles` a null value disables that rule. `pii` maps a
+    detector kind (or the groups "pii" / "secrets") to redact | drop | keep.
+    """
+
+    # Threshold names; corpus.filters.rules.Thresholds has exactly these fields.
+    COUNT_THRESHOLDS = ("min_chars", "max_chars", "min_words", "max_words", "max_line_length", "min_stop_words")
+    POSITIVE_THRESHOLDS = ("max_mean_line_length", "min_mean_word_length", "max_mean_word_length")
+    RATIO_THRESHOLDS = ("max_symbol_word_ratio",)
+    FRACTION_THRESHOLDS = (
+        "max_ellipsis_line_fraction",
+        "max_bullet_line_fraction",
+        "min_alpha_word_fraction",
+        "max_dup_line_fraction",
+        "max_dup_line_char_fraction",
+        "max_dup_para_fraction",
+        "max_dup_para_char_fraction",
+        "min_alnum_fraction",
+        "max_encoded_data_fraction",
+        "max_control_fraction",
+        "min_language_confidence",
+    )
+    # n -> limit; Gopher's n ranges (top n-gram for n = 2..4, duplicated n-grams for n = 5..10).
+    NGRAM_THRESHOLDS = (("max_top_ngram_char_fraction", 2, 4), ("max_dup_ngram_char_fraction", 5, 10))
+    THRESHOLDS = (
+        *COUNT_THRESHOLDS,
+        *POSITIVE_THRESHOLDS,
+        *RATIO_THRESHOLDS,
+        *FRACTION_THRESHOLDS,
+        *(name for name, _, _ in NGRAM_THRESHOLDS),
+    )
+    PII_KINDS = ("email", "phone", "ip_address", "credit_card")
+    SECRET_KINDS = ("private_key", "aws_access_key", "aws_secret_key", "github_token", "slack_token", "generic_secret")
+    PII_GROUPS = ("pii", "secrets")
+    PII_ACTIONS = ("redact", "drop", "keep")
 
     min_chars: int | None = None
     max_chars: int | None = None
     min_words: int | None = None
     max_words: int | None = None
-    min_alpha_fraction: float | None = None
-    max_symbol_fraction: float | None = None
+    max_line_length: int | None = None
+    min_stop_words: int | None = None
+    max_mean_line_length: float | None = None
+    min_mean_word_length: float | None = None
+    max_mean_word_length: float | None = None
+    max_symbol_word_ratio: float | None = None
+    max_ellipsis_line_fraction: float | None = None
+    max_bullet_line_fraction: float | None = None
+    min_alpha_word_fraction: float | None = None
+    max_dup_line_fraction: float | None = None
+    max_dup_line_char_fraction: float | None = None
+    max_dup_para_fraction: float | None = None
+    max_dup_para_char_fraction: float | None = None
+    min_alnum_fraction: float | None = None
+    max_encoded_data_fraction: float | None = None
+    max_control_fraction: float | None = None
+    min_language_confidence: float | None = None
+    max_top_ngram_char_fraction: dict[int, float] | None = None
+    max_dup_ngram_char_fraction: dict[int, float] | None = None
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pii: dict[str, str] = field(default_factory=dict)
+    phone_region: str | None = "US"
+    secret_min_entropy: float = 3.5
+    lid_languages: tuple[str, ...] | None = None
+    lid_sample_chars: int = 400
     max_drop_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("min_chars", "max_chars", "min_words", "max_words"):
+        for name in self.THRESHOLDS:
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"filters.{name} must be >= 0, got {value!r}")
-        for name in ("min_alpha_fraction", "max_symbol_fraction", "max_drop_fraction"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"filters.{name} must be in [0, 1], got {value!r}")
+            if value is not None:
+                object.__setattr__(self, name, self.check_threshold(name, value, "filters"))
+        for lo, hi in (("min_chars", "max_chars"), ("min_words", "max_words")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"filters.{lo} ({a!r}) must be <= filters.{hi} ({b!r})")
+        if not isinstance(self.profiles, Mapping):
+            raise ValueError(f"filters.profiles must be a mapping of profile name to thresholds, got {self.profiles!r}")
+        profiles: dict[str, dict[str, Any]] = {}
+        for profile, overrides in self.profiles.items():
+            if not isinstance(profile, str) or not profile:
+                raise ValueError(f"filters.profiles: profile names must be non-empty strings, got {profile!r}")
+            if not isinstance(overrides, Mapping):
+                raise ValueError(f"filters.profiles.{profile} must be a mapping, got {overrides!r}")
+            unknown = sorted(set(overrides) - set(self.THRESHOLDS))
+            if unknown:
+                raise ValueError(f"filters.profiles.{profile}: unknown threshold(s) {unknown}")
+            where = f"filters.profiles.{profile}"
+            profiles[profile] = {
+                k: None if v is None else self.check_threshold(k, v, where) for k, v in overrides.items()
+            }
+        object.__setattr__(self, "profiles", profiles)
+        if not isinstance(self.pii, Mapping):
+            raise ValueError(f"filters.pii must be a mapping of kind to action, got {self.pii!r}")
+        for kind, action in self.pii.items():
+            if kind not in (*self.PII_KINDS, *self.SECRET_KINDS, *self.PII_GROUPS):
+                known = [*self.PII_GROUPS, *self.PII_KINDS, *self.SECRET_KINDS]
+                raise ValueError(f"filters.pii: unknown kind {kind!r}; known: {known}")
+            if action not in self.PII_ACTIONS:
+                raise ValueError(f"filters.pii.{kind} must be one of {list(self.PII_ACTIONS)}, got {action!r}")
+        object.__setattr__(self, "pii", dict(self.pii))
+        if self.phone_region is not None and not (
+            isinstance(self.phone_region, str) and len(self.phone_region) == 2 and self.phone_region.isupper()
+        ):
+            raise ValueError(
+                f"filters.phone_region must be a two-letter region code like 'US', got {self.phone_region!r}"
+            )
+        if not isinstance(self.secret_min_entropy, (int, float)) or not 0.0 <= self.secret_min_entropy <= 8.0:
+            raise ValueError(
+                f"filters.secret_min_entropy must be in [0, 8] bits per char, got {self.secret_min_entropy!r}"
+            )
+        if self.lid_languages is not None:
+            langs = [self.lid_languages] if isinstance(self.lid_languages, str) else self.lid_languages
+            if not isinstance(langs, (list, tuple)) or not all(
+                isinstance(x, str) and len(x) == 2 and x.isalpha() and x.islower() for x in langs
+            ):
+                raise ValueError(f"filters.lid_languages must be ISO 639-1 codes like ['en', 'de'], got {langs!r}")
+            object.__setattr__(self, "lid_languages", tuple(langs))
+        if isinstance(self.lid_sample_chars, bool) or not isinstance(self.lid_sample_chars, int):
+            raise ValueError(f"filters.lid_sample_chars must be an integer, got {self.lid_sample_chars!r}")
+        if self.lid_sample_chars < 50:
+            raise ValueError(f"filters.lid_sample_chars must be >= 50, got {self.lid_sample_chars!r}")
+        if not 0.0 <= self.max_drop_fraction <= 1.0:
+            raise ValueError(f"filters.max_drop_fraction must be in [0, 1], got {self.max_drop_fraction!r}")
+
+    @classmethod
+    def check_threshold(cls, name: str, value: Any, where: str) -> Any:
+        """Validate one threshold value; return it normalised (n-gram keys as int, fractions as float)."""
+        ngram_ranges = {key: (lo, hi) for key, lo, hi in cls.NGRAM_THRESHOLDS}
+        if name in ngram_ranges:
+            lo, hi = ngram_ranges[name]
+            if not isinstance(value, Mapping) or not value:
+                raise ValueError(f"{where}.{name} must be a non-empty mapping n -> fraction, got {value!r}")
+            out: dict[int, float] = {}
+            for n, limit in value.items():
+                try:
+                    n_int = int(n)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{where}.{name}: n must be an integer in [{lo}, {hi}], got {n!r}") from None
+                if not lo <= n_int <= hi:
+                    raise ValueError(f"{where}.{name}: n must be in [{lo}, {hi}], got {n!r}")
+                out[n_int] = cls.check_threshold("max_fraction", limit, f"{where}.{name}.{n}")
+            return dict(sorted(out.items()))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}.{name} must be a number, got {value!r}")
+        if name in cls.COUNT_THRESHOLDS:
+            if int(value) != value or value < 0:
+                raise ValueError(f"{where}.{name} must be an integer >= 0, got {value!r}")
+            return int(value)
+        if name in cls.POSITIVE_THRESHOLDS:
+            if value <= 0:
+                raise ValueError(f"{where}.{name} must be > 0, got {value!r}")
+            return float(value)
+        if name in cls.RATIO_THRESHOLDS:
+            if value < 0:
+                raise ValueError(f"{where}.{name} must be >= 0, got {value!r}")
+            return float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{where}.{name} must be in [0, 1], got {value!r}")
+        return float(value)
 
 
 @dataclass(frozen=True)
@@ -71,10 +216,21 @@ class DedupConfig:
     threshold: float = 0.8
     max_duplicate_ratio: float = 0.04
     seed: int = 1
+    # Token span pass (corpus.dedup.find_repeated_spans): spans of >= span_length tokens shared with an
+    # earlier document are flagged; 128 is the seed's "128-gram level".
+    span_length: int = 128
+    # MinHash permutation scheme, named as datasketch names it: "legacy" ((a*h + b) mod (2^61 - 1), the
+    # only scheme before datasketch 2.0) or "affine32" (datasketch 2.x's default: fmix32, then a*h + b
+    # mod 2^32; ~2x faster signatures). Signatures of different schemes must never be compared.
+    scheme: str = "legacy"
 
     def __post_init__(self) -> None:
         if self.shingle_size < 1:
             raise ValueError(f"dedup.shingle_size must be >= 1, got {self.shingle_size!r}")
+        if self.scheme not in ("legacy", "affine32"):
+            raise ValueError(f"dedup.scheme must be 'legacy' or 'affine32', got {self.scheme!r}")
+        if self.span_length < 1:
+            raise ValueError(f"dedup.span_length must be >= 1, got {self.span_length!r}")
         if self.bands < 1 or self.rows < 1:
             raise ValueError(f"dedup.bands and dedup.rows must be >= 1, got {self.bands}x{self.rows}")
         if self.bands * self.rows > self.num_perm:
@@ -92,8 +248,10 @@ class TrainingConfig:
     """The smoke-training run: a tiny GPT, a few optimizer steps over the verified shards."""
 
     steps: int = 50
-    batch_size: int = 8
-    d_model: int = 128
+    # 3.3M parameters (3.2M of them the tied 50,257 x 64 embedding): ~0.4 s per step at batch 4, L 256 on
+    # 2 CPU cores, so the default run's two 50-step trainings take ~45 s; a GPU makes them near-instant.
+    batch_size: int = 4
+    d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     learning_rate: float = 3e-3
@@ -105,10 +263,11 @@ class TrainingConfig:
     loss_window: int = 5
     grad_clip: float = 1.0  # global grad-norm clip; 0 disables it
     dropout: float = 0.0
-    # Gradient-similarity poisoning scan (corpus.poison): samples scanned, per-sample gradients per vmap
-    # chunk (memory ~ chunk x scanned parameters), and the robust z-score below which a sample is flagged.
-    scan_samples: int = 512
-    scan_chunk_size: int = 16
+    # Gradient-similarity poisoning scan (corpus.poison): samples scanned, samples per vmap chunk, and the
+    # robust z-score below which a sample is flagged. At d_model 128, L 256 one sample cost ~0.6 s on one
+    # CPU core; a chunk holds chunk x L x 50,257 fp32 logits (206 MB at chunk 4, d_model independent).
+    scan_samples: int = 64
+    scan_chunk_size: int = 4
     scan_z_threshold: float = -3.5
 
     def __post_init__(self) -> None:

@@ -55,9 +55,12 @@ def connect(path: str | Path, read_only: bool = False) -> Iterator[duckdb.DuckDB
 
 
 def _table(rows: Sequence[Mapping[str, Any]] | pa.Table) -> pa.Table:
-    if isinstance(rows, pa.Table):
-        return rows
-    return pa.Table.from_pylist([dict(r) for r in rows])
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist([dict(r) for r in rows])
+    # A column that is all None infers Arrow's null type, which DuckDB cannot widen later: store text.
+    for i, column in enumerate(table.schema):
+        if pa.types.is_null(column.type):
+            table = table.set_column(i, column.name, pa.nulls(table.num_rows, type=pa.string()))
+    return table
 
 
 class MetricsStore:

@@ -59,7 +59,8 @@ def _training(lake_root: Path, release: Version) -> dict[str, Any] | None:
         if "smoke_training" not in store.tables():
             return None
         rows = store.query(
-            "SELECT * FROM smoke_training WHERE release_version = ? ORDER BY materialized_at DESC LIMIT 1",
+            "SELECT s.* FROM smoke_training s JOIN materializations m USING (asset, partition, version, run_id) "
+            "WHERE s.release_version = ? AND s.kind = 'windows' ORDER BY m.materialized_at DESC LIMIT 1",
             [release.version],
         )
     except MetricsError:

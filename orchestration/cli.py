@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,11 @@ def run_lock(lake: Path, wait: bool) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _is_library_noise(warning: warnings.WarningMessage) -> bool:
+    """Deprecation chatter from Dagster and friends; the pipeline's own warnings are shown."""
+    return issubclass(warning.category, DeprecationWarning) or "dagster" in warning.filename
+
+
 def _failure_message(result: object) -> str:
     lines = []
     for event in getattr(result, "all_events", []):
@@ -78,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         defs = build_definitions(sources, lake)
         instance = dg.DagsterInstance.get()
-        quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+        quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
         started = time.monotonic()
         print(f"corpus run: {len(manifest.sources)} sources from {sources}\n  lake: {lake}")
         steps = [(phase, key) for phase in PHASES for key in (manifest.source_names if phase.partitioned else [None])]
@@ -86,14 +92,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             label = f"{phase.job}" + (f"[{key}]" if key else "")
             print(f"[{number}/{len(steps)}] {label:<24} {phase.description} ...", end="", flush=True)
             t0 = time.monotonic()
-            job = defs.get_job_def(phase.job)
-            result = job.execute_in_process(
-                instance=instance, partition_key=key, run_config=quiet, raise_on_error=False, tags={"corpus/cli": "run"}
-            )
+            job = defs.resolve_job_def(phase.job)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = job.execute_in_process(
+                    instance=instance,
+                    partition_key=key,
+                    run_config=quiet,
+                    raise_on_error=False,
+                    tags={"corpus/cli": "run"},
+                )
+            notes = dict.fromkeys(str(w.message) for w in caught if not _is_library_noise(w))
             if not result.success:
                 print(" FAILED")
                 raise CliError(f"{label} failed (run {result.run_id}):\n{_failure_message(result)}")
             print(f" {time.monotonic() - t0:6.1f} s")
+            for note in notes:
+                print(f"      warning: {note}")
         print(f"done in {time.monotonic() - started:.1f} s")
     from corpus.report import build_report, format_summary
 

@@ -2,7 +2,7 @@
 
 The graph goes per source (ingest: raw -> filtered -> signatures), across sources (duplicate clusters),
 per source again (deduplicated -> tokenized) and across sources (mixing -> shards -> smoke training).
-Four asset jobs follow those phases; `corpus run` executes them in order, one run per source partition
+Asset jobs follow those phases; `corpus run` executes them in order, one run per source partition
 for the partitioned phases, so every run shows in the UI. The UI's "Materialize all" launches the same
 graph as a backfill.
 
@@ -34,20 +34,10 @@ PHASES = (
     Phase("ingest", ("raw_documents", "filtered_documents", "minhash_signatures"), True, "read, filter, sign"),
     Phase("cluster", ("duplicate_clusters",), False, "cluster duplicates across sources"),
     Phase("tokenize", ("deduplicated_documents", "tokenized_documents"), True, "deduplicate, tokenize"),
-    Phase(
-        "release",
-        (
-            "mixture_plan",
-            "mixed_tokens",
-            "training_windows",
-            "packed_sequences",
-            "dataset_release",
-            "smoke_training",
-            "poisoning_scan",
-        ),
-        False,
-        "mix, shard, release, smoke-train",
-    ),
+    Phase("mix", ("mixture_plan", "mixed_tokens"), False, "plan the mixture, lay out the stream"),
+    Phase("shard", ("training_windows", "packed_sequences", "dataset_release"), False, "windows, packing, release"),
+    Phase("train", ("smoke_training",), False, "smoke-train a tiny GPT on both shard kinds"),
+    Phase("scan", ("poisoning_scan",), False, "gradient-similarity scan for odd samples"),
 )
 
 
@@ -62,7 +52,6 @@ def build_definitions(sources: Path | None = None, lake: Path | None = None) -> 
         dg.define_asset_job(
             phase.job,
             selection=list(phase.assets),
-            partitions_def=partitions if phase.partitioned else None,
             description=phase.description,
         )
         for phase in PHASES

@@ -29,9 +29,9 @@ def test_param_count_counts_the_tied_matrix_once():
 
 def test_default_size():
     model = TinyGPT(GPTConfig.from_training(TrainingConfig(), max_length=256))
-    assert model.config == GPTConfig(vocab_size=50257, max_length=256, d_model=128, n_layers=2, n_heads=4)
-    assert model.param_count() == 6_862_464  # 50257 x 128 = 6,432,896 of them in the token embedding
-    assert model.param_count(non_embedding=True) == 429_568
+    assert model.config == GPTConfig(vocab_size=50257, max_length=256, d_model=64, n_layers=2, n_heads=4)
+    assert model.param_count() == 3_332_928  # 50257 x 64 = 3,216,448 of them in the token embedding
+    assert model.param_count(non_embedding=True) == 116_480
 
 
 def test_init_is_deterministic_and_leaves_global_rng_alone():

@@ -118,7 +118,11 @@ class LanguageIdentifier:
         for value in values:
             if value.language.iso_code_639_1.name.lower() in self._accepted:
                 accepted += value.value
-        return LanguageGuess(top.language.iso_code_639_1.name.lower(), float(top.value), float(accepted))
+        # lingua's batch mode sums on a thread pool, so the last bits of a confidence vary run to run;
+        # rounding to 1e-9 keeps decisions, quality scores and so version ids reproducible.
+        return LanguageGuess(
+            top.language.iso_code_639_1.name.lower(), round(float(top.value), 9), round(float(accepted), 9)
+        )
 
     def identify(self, text: str) -> LanguageGuess:
         values = self._detector.compute_language_confidence_values(sample(text, self.sample_chars))

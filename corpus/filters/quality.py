@@ -232,7 +232,7 @@ class QualityFilter:
             kept=True,
             reason=None,
             text=text,
-            quality=min(1.0, max(0.0, quality)),
+            quality=round(min(1.0, max(0.0, quality)), 12),
             language=doc.language,
             language_confidence=doc.language_confidence,
             normalized=changes,

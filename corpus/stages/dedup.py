@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from corpus.config import DedupConfig, SourcesManifest
 from corpus.dedup import find_duplicates
 from corpus.lake import Version, VersionWriter
-from corpus.minhash import MinHasher, exact_key
+from corpus.minhash import MinHasher
 from corpus.stages import StageOutput
 from corpus.stages.io import DOCUMENT_SCHEMA, ParquetSink, iter_batches, write_rows
 
@@ -67,11 +67,11 @@ def build_minhash_signatures(filtered: Version, writer: VersionWriter, cfg: Dedu
     with ParquetSink(writer.path("keys.parquet"), KEYS_SCHEMA) as keys:
         for batch in iter_batches(docs_path, ["doc_id", "text", "quality"]):
             texts = batch.column("text").to_pylist()
-            signatures[row : row + len(texts)] = hasher.signatures(texts)
-            for doc_id, text, quality in zip(
-                batch.column("doc_id").to_pylist(), texts, batch.column("quality").to_pylist(), strict=True
+            exact, signatures[row : row + len(texts)] = hasher.keys_and_signatures(texts)
+            for doc_id, key, quality in zip(
+                batch.column("doc_id").to_pylist(), exact, batch.column("quality").to_pylist(), strict=True
             ):
-                keys.add({"doc_id": doc_id, "exact_key": exact_key(text), "quality": quality})
+                keys.add({"doc_id": doc_id, "exact_key": key, "quality": quality})
             row += len(texts)
             n_bytes += sum(len(t.encode("utf-8")) for t in texts)
     assert row == n_docs, f"{docs_path}: footer says {n_docs} rows, read {row}"
@@ -143,17 +143,17 @@ def build_duplicate_clusters(
         )
     previews = _previews(by_source, decisions)
     clusters = []
-    for cluster in result.clusters:
-        kept_i = int(cluster.kept_index)
-        members = [int(m) for m in cluster.members]
+    for cluster in result.clusters.to_pylist():
+        kept_i = int(cluster["kept_index"])
+        members = [int(m) for m in cluster["members"]]
         clusters.append(
             {
-                "cluster_id": int(cluster.cluster_id),
+                "cluster_id": int(cluster["cluster_id"]),
                 "size": len(members),
                 "kept_source": sources[kept_i],
                 "kept_doc_id": doc_ids[kept_i],
                 "sources": ",".join(sorted({sources[m] for m in members})),
-                "min_similarity": float(cluster.min_similarity),
+                "min_similarity": float(cluster["min_similarity"]),
                 "preview": previews.get((sources[kept_i], rows[kept_i]), ""),
             }
         )
@@ -161,7 +161,7 @@ def build_duplicate_clusters(
     write_rows(writer.path("clusters.parquet"), clusters, CLUSTER_SCHEMA)
     n = len(doc_ids)
     kept = int(np.count_nonzero(result.kept))
-    ratio = float(result.duplicate_ratio)
+    ratio = float(result.duplicate_ratio(matrix, cfg))
     counts = {"in": n, "out": kept, "dropped": dict(sorted(reasons.items())), "clusters": len(clusters)}
     per_source = {
         s: {"in": sources.count(s), "kept": sum(1 for d in decisions if d["source"] == s and d["kept"])}

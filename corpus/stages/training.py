@@ -153,16 +153,22 @@ def _window_batches(train: Any, indices: np.ndarray, batch_size: int) -> Iterato
 
 
 def build_poisoning_scan(
-    smoke: Version, windows: Version, mixed: Version, cfg: PipelineConfig, writer: VersionWriter, samples: int = 256
+    smoke: Version, windows: Version, mixed: Version, cfg: PipelineConfig, writer: VersionWriter
 ) -> StageOutput:
-    """Score `samples` training windows (a seeded sample) by gradient similarity; flag, trace, never drop."""
+    """Score `training.scan_samples` seeded training windows by gradient similarity; flag, trace, never drop."""
+    samples = cfg.training.scan_samples
     model = TinyGPT.load(smoke.file("windows_model.pt"))
     train = open_window_shards(windows.manifest_path, "train", verify=True)
     rng = np.random.default_rng(cfg.seed)
     count = min(samples, len(train))
     indices = np.sort(rng.choice(len(train), size=count, replace=False)).astype(np.int64)
     result = gradient_similarity_scan(
-        model, _window_batches(train, indices, 16), max_samples=count, sample_ids=indices.tolist()
+        model,
+        _window_batches(train, indices, cfg.training.batch_size),
+        max_samples=count,
+        chunk_size=cfg.training.scan_chunk_size,
+        z_threshold=cfg.training.scan_z_threshold,
+        sample_ids=indices.tolist(),
     )
     stride, length = int(windows.extra["stride"]), int(windows.extra["max_length"])
     index = pq.read_table(
