@@ -17,7 +17,16 @@ import pyarrow.parquet as pq
 
 from corpus.config import SourcesManifest
 from corpus.lake import Version, VersionWriter
-from corpus.mixing import MixedLayout, MixturePlan, SourceInput, layout_validation, plan_mixture, realize, split_sources
+from corpus.mixing import (
+    MixedLayout,
+    MixturePlan,
+    SourceInput,
+    interleaving_stats,
+    layout_validation,
+    plan_mixture,
+    realize,
+    split_sources,
+)
 from corpus.stages import StageOutput
 from corpus.stages.io import ParquetSink, read_tokens, write_rows
 
@@ -229,6 +238,7 @@ def build_mixed_tokens(
             }
         )
     worst_pp = max((abs(r["share_error_pp"]) for r in rows), default=0.0)
+    interleaving = interleaving_stats(train)
     n_train_docs, n_val_docs = len(train), len(validation)
     counts = {
         "train_documents": n_train_docs,
@@ -252,6 +262,7 @@ def build_mixed_tokens(
             "worst_share_error_pp": worst_pp,
             "validation_leaks": len(leaked),
             "mixture": rows,
+            "interleaving": interleaving,
         },
     )
     return StageOutput(
@@ -263,5 +274,7 @@ def build_mixed_tokens(
             "validation_tokens": val_tokens,
             "worst_share_error_pp": worst_pp,
             "validation_leaks": len(leaked),
+            "same_source_fraction": round(float(interleaving["same_source_fraction"]), 6),
+            "same_source_random_expectation": round(float(interleaving["random_expectation"]), 6),
         },
     )

@@ -105,8 +105,8 @@ def build_smoke_training(
         config={"training": dataclasses.asdict(tcfg), "max_length": cfg.max_length, "seed": cfg.seed},
         upstream=[windows.ref(), packed.ref(), release.ref()],
         counts=counts,
-        # Device and speed are facts about this run, not the data: kept out of the hashed manifest would be
-        # ideal, but the model weights differ by device anyway, so the version honestly depends on it.
+        # The trained weights differ between CPU and GPU (and bf16 vs fp32), so the device is part of what
+        # this version is; speed figures are facts about the run and go to DuckDB and Dagster only.
         extra={"device_type": w.device_type, "device_name": w.device_name},
     )
     rows = [
