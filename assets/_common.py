@@ -1,20 +1,180 @@
-"""What every asset does the same way: find upstream versions, record metrics, report to Dagster."""
+"""What every asset does the same way: find upstream versions, skip unchanged work, record metrics, report.
+
+Skipping unchanged work (`reuse_or_build`): before building, an asset fingerprints its inputs (code
+version, the manifest's whole `pipeline` section plus the specs of the sources it reads, the upstream
+version ids it reads, library versions, and for raw_documents the raw files' (path, size, mtime_ns)). When
+the lake holds a memo for that fingerprint naming a complete version, the asset re-publishes that version
+(same DataVersion, `reused: true`) and builds nothing. Taking the whole `pipeline` section is the simple,
+safe choice: any setting change recomputes every stage but raw_documents once (the unchanged ones give
+their old version ids back), and no stage can miss a setting it reads. NOTE: a code change must bump the
+stage's code version (as for Dagster's own staleness), or the memo hands back the old output.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+import sysconfig
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from corpus.lake import UNPARTITIONED, LakeError, Version
+from corpus.config import SourcesManifest, SourceSpec
+from corpus.lake import (
+    UNPARTITIONED,
+    LakeError,
+    Recall,
+    Version,
+    VersionWriter,
+    fingerprint_libraries,
+    input_fingerprint,
+)
 from corpus.reconcile import reconcile
 from corpus.stages import StageOutput
 from orchestration.resources import PipelineResource
 
 COUNTS_CHECK = "counts_reconcile"
+# What corpus.sources.read_python_stdlib skips; kept equal to it so the listing covers exactly what it reads.
+STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+@dataclass
+class AssetOutput(StageOutput):
+    """A stage's output as an asset publishes it; `reused` when the version came from an input memo."""
+
+    reused: bool = False
+
+
+def source_files(spec: SourceSpec) -> list[Path]:
+    """The files the source's reader in corpus.sources reads, sorted (for fingerprints and the sensor)."""
+    if spec.kind in ("jsonl", "parquet"):
+        assert spec.path is not None, f"source {spec.name}: {spec.kind} needs a path"
+        return [spec.path]
+    if spec.kind == "text_files":
+        assert spec.path is not None, f"source {spec.name}: text_files needs a path"
+        return sorted(p for p in spec.path.glob(spec.glob) if p.is_file())
+    if spec.kind == "python_stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+        return sorted(
+            p for p in root.rglob("*.py") if not STDLIB_SKIP.intersection(p.relative_to(root).parts) and p.is_file()
+        )
+    if spec.kind == "pydoc_topics":
+        import pydoc_data.topics
+
+        return [Path(pydoc_data.topics.__file__ or "")]
+    if spec.kind == "installed_licenses":
+        from corpus.sources import license_files
+
+        return [path for _, path in license_files()]
+    raise AssertionError(f"source {spec.name}: no file listing for kind {spec.kind!r}")
+
+
+def file_stats(paths: Sequence[Path]) -> list[list[Any]]:
+    """[path, size, mtime_ns] per file; a missing file is [path, -1, -1] (its reader will say what is wrong)."""
+    out: list[list[Any]] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            out.append([str(path), -1, -1])
+            continue
+        out.append([str(path), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def training_device() -> dict[str, str]:
+    """The device smoke training would pick: its weights differ by device, so it is part of the inputs."""
+    from corpus.train import device_name, resolve_device
+
+    dev = resolve_device(None, require_gpu=False)
+    return {"type": dev.type, "name": device_name(dev)}
+
+
+def build_inputs(
+    manifest: SourcesManifest,
+    asset: str,
+    partition: str | None,
+    code_version: str,
+    upstream: Sequence[Version],
+    extra: Mapping[str, Any] | None = None,
+    reads_pipeline: bool = True,
+) -> dict[str, Any]:
+    """Everything a build reads, as JSON-able values; `input_fingerprint` of it keys the memo."""
+    specs = [manifest.source(partition)] if partition else list(manifest.sources)
+    return {
+        "asset": asset,
+        "partition": partition or UNPARTITIONED,
+        "code_version": code_version,
+        "pipeline": manifest.pipeline.to_dict() if reads_pipeline else None,
+        "sources": [spec.to_dict() for spec in specs],
+        "upstream": sorted([v.asset, v.partition, v.version] for v in upstream),
+        "libraries": fingerprint_libraries(),
+        "extra": dict(extra or {}),
+    }
+
+
+def raw_inputs_extra(spec: SourceSpec) -> dict[str, Any]:
+    """raw_documents has no upstream version: its input is the raw files, by path, size and mtime."""
+    return {"files": file_stats(source_files(spec))}
+
+
+def reuse_or_build(
+    context: dg.AssetExecutionContext,
+    pipeline: PipelineResource,
+    asset: str,
+    code_version: str,
+    upstream: Sequence[Version],
+    build: Callable[[VersionWriter], StageOutput],
+    extra: Mapping[str, Any] | None = None,
+    memo_tables: Sequence[str] = (),
+    reads_pipeline: bool = True,
+) -> StageOutput:
+    """The version these inputs already produced, or `build(writer)` and a memo of it for next time.
+
+    `upstream` must hold every version `build` reads and `extra` everything else it reads that is not
+    in the manifest (raw files, the training device); a missing input would let a stale version through.
+    A reused output has the memo's summary and markdown, and of the metric tables only `memo_tables`
+    (small ones the asset reads back, e.g. one row per source): per-document tables stay with the run
+    that built the version, keyed by its version id. `reads_pipeline=False` leaves the manifest's
+    `pipeline` section out, for a build that provably reads none of it (raw_documents reads its spec only).
+    """
+    partition = partition_of(context)
+    store = pipeline.store()
+    inputs = build_inputs(pipeline.manifest(), asset, partition, code_version, upstream, extra, reads_pipeline)
+    fingerprint = input_fingerprint(inputs)
+    where = f"{asset}[{partition or UNPARTITIONED}]"
+    recall = store.recall(asset, partition, fingerprint)
+    stored_tables = dict(recall.record.get("tables", {}))
+    if recall.version is not None and not set(memo_tables) <= set(stored_tables):
+        recall = Recall(None, recall.record, f"memo lacks tables {sorted(set(memo_tables) - set(stored_tables))}")
+    if recall.version is not None:
+        context.log.info(f"{where}: {recall.reason}; reused, nothing built")
+        return AssetOutput(
+            version=recall.version,
+            counts=recall.version.counts,
+            summary=dict(recall.record.get("summary", {})),
+            markdown=str(recall.record.get("markdown", "")),
+            tables={name: list(stored_tables[name]) for name in memo_tables},
+            reused=True,
+        )
+    context.log.info(f"{where}: {recall.reason}; building")
+    with store.writer(asset, partition) as writer:
+        output = build(writer)
+    version = output.version
+    assert (version.asset, version.partition) == (asset, partition or UNPARTITIONED), (
+        f"build for {where} committed {version.asset}[{version.partition}]"
+    )
+    record = {
+        "summary": output.summary,
+        "markdown": output.markdown,
+        "tables": {name: output.tables.get(name, []) for name in memo_tables},
+        "inputs": inputs,
+    }
+    store.remember(version, fingerprint, record)
+    return output
 
 
 def upstream_version(
@@ -69,6 +229,7 @@ def publish(
     """Record the stage's metrics in DuckDB and return the Dagster result keyed by the content hash."""
     version = output.version
     partition = partition_of(context)
+    reused = isinstance(output, AssetOutput) and output.reused
     counts = output.counts
     dropped = dict(counts.get("dropped", {}))
     key = {"asset": version.asset, "partition": partition or UNPARTITIONED, "version": version.version}
@@ -84,6 +245,7 @@ def publish(
                 "tokens": counts.get("tokens"),
                 "bytes_out": counts.get("bytes_out"),
                 "counts": json.dumps(counts, sort_keys=True),
+                "reused": reused,
                 "materialized_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
             }
         ],
@@ -95,11 +257,14 @@ def publish(
         "version": dg.MetadataValue.text(version.version),
         "manifest": dg.MetadataValue.path(str(version.manifest_path)),
         "counts": dg.MetadataValue.json(counts),
+        "reused": dg.MetadataValue.bool(reused),
         "summary": dg.MetadataValue.md(
             (output.markdown + "\n\n" if output.markdown else "") + _markdown_counts(counts)
         ),
     }
     for name, value in output.summary.items():
+        if name in metadata:
+            continue
         if isinstance(value, bool) or value is None:
             metadata[name] = dg.MetadataValue.text(str(value))
         elif isinstance(value, int | float):
@@ -119,7 +284,8 @@ def publish(
                 metadata={"problems": dg.MetadataValue.json(problems), "counts": dg.MetadataValue.json(counts)},
             ),
         )
-    context.log.info(f"{version.asset}[{partition or UNPARTITIONED}] -> {version.version[:16]} {counts}")
+    how = "reused" if reused else "built"
+    context.log.info(f"{version.asset}[{partition or UNPARTITIONED}] {how} {version.version[:16]} {counts}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.version), metadata=metadata, check_results=check_results
     )

@@ -4,7 +4,7 @@ import base64
 
 import dagster as dg
 
-from assets._common import counts_check_spec, publish, upstream_version
+from assets._common import counts_check_spec, publish, reuse_or_build, upstream_version
 from corpus.stages.mixing import (
     MIXED_CODE_VERSION,
     PLAN_CODE_VERSION,
@@ -30,8 +30,14 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         """Per source: raw token share w_i, temperature weight p_i, target tokens, epochs; validation split."""
         manifest = pipeline.manifest()
         tokenized = [upstream_version(context, pipeline, "tokenized_documents", n) for n in manifest.source_names]
-        with pipeline.store().writer("mixture_plan") as writer:
-            output = build_mixture_plan(tokenized, manifest, writer)
+        output = reuse_or_build(
+            context,
+            pipeline,
+            "mixture_plan",
+            PLAN_CODE_VERSION,
+            tokenized,
+            lambda writer: build_mixture_plan(tokenized, manifest, writer),
+        )
         return publish(context, pipeline, output, upstream=tokenized)
 
     @dg.asset(
@@ -59,8 +65,15 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         manifest = pipeline.manifest()
         plan = upstream_version(context, pipeline, "mixture_plan")
         tokenized = [upstream_version(context, pipeline, "tokenized_documents", n) for n in manifest.source_names]
-        with pipeline.store().writer("mixed_tokens") as writer:
-            output = build_mixed_tokens(plan, tokenized, manifest, writer)
+        output = reuse_or_build(
+            context,
+            pipeline,
+            "mixed_tokens",
+            MIXED_CODE_VERSION,
+            [plan, *tokenized],
+            lambda writer: build_mixed_tokens(plan, tokenized, manifest, writer),
+            memo_tables=["mixture"],
+        )
         png = output.version.file("shares.png").read_bytes()
         output.markdown = (
             f"![shares](data:image/png;base64,{base64.b64encode(png).decode()})\n\n"

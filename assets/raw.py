@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets._common import counts_check_spec, publish
+from assets._common import counts_check_spec, publish, raw_inputs_extra, reuse_or_build
 from corpus.sources import SourceError
 from corpus.stages.raw import CODE_VERSION, build_raw_documents
 from orchestration.resources import PipelineResource
@@ -19,11 +19,19 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     def raw_documents(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """One Parquet snapshot of the source: doc_id, uri, position, raw file sha256, text; bad records quarantined."""
         spec = pipeline.manifest().source(context.partition_key)
-        with pipeline.store().writer("raw_documents", context.partition_key) as writer:
-            try:
-                output = build_raw_documents(spec, writer)
-            except SourceError as exc:
-                raise dg.Failure(str(exc)) from exc
+        try:
+            output = reuse_or_build(
+                context,
+                pipeline,
+                "raw_documents",
+                CODE_VERSION,
+                [],
+                lambda writer: build_raw_documents(spec, writer),
+                extra=raw_inputs_extra(spec),
+                reads_pipeline=False,  # the reader takes the source spec only
+            )
+        except SourceError as exc:
+            raise dg.Failure(str(exc)) from exc
         return publish(context, pipeline, output)
 
     return [raw_documents]

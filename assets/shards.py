@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets._common import publish, upstream_version
+from assets._common import publish, reuse_or_build, upstream_version
 from corpus.stages.shards import (
     PACKED_CODE_VERSION,
     WINDOWS_CODE_VERSION,
@@ -17,16 +17,30 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     def training_windows(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """(input, target) windows of max_length tokens every stride tokens, as uint16 shards per split."""
         mixed = upstream_version(context, pipeline, "mixed_tokens")
-        with pipeline.store().writer("training_windows") as writer:
-            output = build_training_windows(mixed, pipeline.manifest().pipeline, writer)
+        cfg = pipeline.manifest().pipeline
+        output = reuse_or_build(
+            context,
+            pipeline,
+            "training_windows",
+            WINDOWS_CODE_VERSION,
+            [mixed],
+            lambda writer: build_training_windows(mixed, cfg, writer),
+        )
         return publish(context, pipeline, output, upstream=[mixed])
 
     @dg.asset(deps=["mixed_tokens"], code_version=PACKED_CODE_VERSION, group_name="shards", kinds={"numpy"})
     def packed_sequences(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """Documents packed into rows of max_length with segment ids, position ids and cu_seqlens."""
         mixed = upstream_version(context, pipeline, "mixed_tokens")
-        with pipeline.store().writer("packed_sequences") as writer:
-            output = build_packed_sequences(mixed, pipeline.manifest().pipeline, writer)
+        cfg = pipeline.manifest().pipeline
+        output = reuse_or_build(
+            context,
+            pipeline,
+            "packed_sequences",
+            PACKED_CODE_VERSION,
+            [mixed],
+            lambda writer: build_packed_sequences(mixed, cfg, writer),
+        )
         return publish(context, pipeline, output, upstream=[mixed])
 
     return [training_windows, packed_sequences]

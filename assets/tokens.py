@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets._common import counts_check_spec, publish, upstream_version
+from assets._common import counts_check_spec, publish, reuse_or_build, upstream_version
 from corpus.stages.tokenized import CODE_VERSION, build_tokenized_documents
 from orchestration.resources import PipelineResource
 
@@ -19,8 +19,15 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     def tokenized_documents(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
         """GPT-2 tokens as a flat uint16 array, <|endoftext|> after each document, plus a document index."""
         documents = upstream_version(context, pipeline, "deduplicated_documents", context.partition_key)
-        with pipeline.store().writer("tokenized_documents", context.partition_key) as writer:
-            output = build_tokenized_documents(documents, writer, pipeline.manifest().pipeline.encoding)
+        encoding = pipeline.manifest().pipeline.encoding
+        output = reuse_or_build(
+            context,
+            pipeline,
+            "tokenized_documents",
+            CODE_VERSION,
+            [documents],
+            lambda writer: build_tokenized_documents(documents, writer, encoding),
+        )
         return publish(context, pipeline, output, upstream=[documents])
 
     return [tokenized_documents]

@@ -4,7 +4,7 @@ import base64
 
 import dagster as dg
 
-from assets._common import publish, upstream_version
+from assets._common import publish, reuse_or_build, training_device, upstream_version
 from corpus.stages.training import SCAN_CODE_VERSION, SMOKE_CODE_VERSION, build_poisoning_scan, build_smoke_training
 from corpus.train import SmokeTrainingError
 from orchestration.resources import PipelineResource
@@ -23,9 +23,17 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         windows = upstream_version(context, pipeline, "training_windows")
         packed = upstream_version(context, pipeline, "packed_sequences")
         release = upstream_version(context, pipeline, "dataset_release")
+        cfg = pipeline.manifest().pipeline
         try:
-            with pipeline.store().writer("smoke_training") as writer:
-                output, _ = build_smoke_training(windows, packed, release, pipeline.manifest().pipeline, writer)
+            output = reuse_or_build(
+                context,
+                pipeline,
+                "smoke_training",
+                SMOKE_CODE_VERSION,
+                [windows, packed, release],
+                lambda writer: build_smoke_training(windows, packed, release, cfg, writer)[0],
+                extra={"device": training_device()},
+            )
         except SmokeTrainingError as exc:
             raise dg.Failure(f"smoke training failed: {exc}") from exc
         charts = []
@@ -47,8 +55,16 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         smoke = upstream_version(context, pipeline, "smoke_training")
         windows = upstream_version(context, pipeline, "training_windows")
         mixed = upstream_version(context, pipeline, "mixed_tokens")
-        with pipeline.store().writer("poisoning_scan") as writer:
-            output = build_poisoning_scan(smoke, windows, mixed, pipeline.manifest().pipeline, writer)
+        cfg = pipeline.manifest().pipeline
+        output = reuse_or_build(
+            context,
+            pipeline,
+            "poisoning_scan",
+            SCAN_CODE_VERSION,
+            [smoke, windows, mixed],
+            lambda writer: build_poisoning_scan(smoke, windows, mixed, cfg, writer),
+            extra={"device": training_device()},
+        )
         return publish(context, pipeline, output, upstream=[smoke])
 
     return [smoke_training, poisoning_scan]

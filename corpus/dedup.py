@@ -7,18 +7,22 @@ num_perm, params=(b, r))`'s rule (tested against it). The banding is done here i
 64-bit hash per band, one argsort per band, equal-hash runs give the pairs, and every pair is then
 checked against the signatures themselves, so a band-hash collision can never make a candidate.
 On 1e5 signatures it runs ~30x faster than inserting and querying LeanMinHash objects one by one, in
-a quarter of the memory (benchmarks/dedup.py). Candidates are confirmed when the signature estimate of
-Jaccard similarity is >= threshold, clusters are the connected components of exact and confirmed pairs
-(union-find by min-label propagation with pointer jumping; a pair already in one component is skipped,
-so a bucket of k near-identical documents costs k^2/2 label lookups but only about one 65,536-pair
-chunk of signature comparisons per band), and one member per cluster is kept: highest quality, then
-lowest priority (the source's position in the manifest), then smallest doc_id, then smallest index.
+a quarter of the memory (benchmarks/dedup.py). Candidates are confirmed when their Jaccard similarity is
+>= threshold: the exact Jaccard of their shingle sets when an `ExactJaccard` is passed (the pipeline's
+default, DedupConfig.confirm = "exact"), else the signature estimate (sd 0.038 at J = 0.8 with 112
+permutations, so pairs at J = 0.75 pass 11% of the time). Clusters are the connected components of
+exact and confirmed pairs (union-find by min-label propagation with pointer jumping; a pair already in
+one component is skipped, so a bucket of k near-identical documents costs k^2/2 label lookups but only
+about one 65,536-pair chunk of signature comparisons per band), and one member per cluster is kept:
+highest quality, then lowest priority (the source's position in the manifest), then smallest doc_id,
+then smallest index.
 
 Exact duplicates have identical signatures, so only one representative of each exact group enters the
 LSH (a corpus with a file copied 1,000 times would otherwise yield 500,000 pairs per band). Documents
 with no words (exact_key == EMPTY_KEY, all-MAX_HASH signature) are never clustered: they are for the
 quality filters to drop. Transitivity means a cluster member can be below the threshold to the kept
-member (A~B, B~C, A!~C); `similarity` reports the estimate to the kept member so this is visible.
+member (A~B, B~C, A!~C); `similarity` reports the Jaccard (exact or estimated, as confirmed) to the
+kept member so this is visible.
 
 Span pass (`find_repeated_spans`): a polynomial hash mod 2^64 of every n-token window (tokens mapped
 through the 64-bit MurmurHash3 finalizer first), computed for all windows at once from prefix sums,
@@ -27,10 +31,19 @@ occurrence lies in an earlier document is a hit. Hits at consecutive offsets in 
 into maximal spans, and every span is checked against the tokens, so a hash collision can only cost
 time, never a false hit. Measured: ~8M tokens/s, ~31 bytes per token at peak (benchmarks/dedup.py).
 
+Exact confirmation (`ExactJaccard`): sets of 64-bit shingle hashes (corpus.minhash `shingle_sets`; two
+distinct shingles collide with probability 2^-64), loaded once for the documents that share a band key
+with another document and kept as uint32 ranks; a chunk of pairs is intersected by one searchsorted of
+one side's (pair, rank) keys in the other's (no sort, no Python call per pair). With confirmation by
+exact Jaccard every link is a true pair (J >= threshold), so clusters lie inside the components of the
+true pairs; transitivity can still put two members below the threshold in one cluster (measured in
+tests/test_dedup_stage.py).
+
 Incremental refresh (`save_index` / `load_index` / `find_duplicates_incremental`): the index stores the
-documents' keys, signatures and cluster ids. New documents are compared with the stored ones and with
-each other only; stored pairs are not recomputed, because stored clusters already are the components of
-the stored pairs. The result equals `find_duplicates` on the union (tested).
+documents' keys, signatures and cluster ids, and which confirmation made them. New documents are
+compared with the stored ones and with each other only; stored pairs are not recomputed, because stored
+clusters already are the components of the stored pairs. The result equals `find_duplicates` on the
+union (tested).
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +66,7 @@ from corpus.minhash import EMPTY_KEY, MAX_HASH, PowerTable, fmix64
 
 EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
-INDEX_FORMAT = "corpus.dedup.lsh_index/1"
+INDEX_FORMAT = "corpus.dedup.lsh_index/2"  # /2: index.json records the confirmation used
 INDEX_FILES = ("documents.parquet", "signatures.npy")
 
 # Fixed odd multipliers that fold a band's r 32-bit values into one 64-bit key (splitmix64 outputs).
@@ -72,6 +85,9 @@ _BAND_MULT = np.array(
 )
 # Pairs handled per step when confirming (x num_perm values compared): 2^16 x 112 = 7.3M bools.
 _PAIR_CHUNK = 1 << 16
+# Shingles intersected per step in exact confirmation: keys, segment ids and positions, 8 bytes each,
+# ~100 MB per step.
+_EXACT_CHUNK = 1 << 22
 # Tokens hashed per step in the span pass: ~50 bytes of uint64 temporaries per token, 50 MB per step.
 _SPAN_BATCH = 1 << 20
 
@@ -87,7 +103,8 @@ class DedupResult:
     similarity: np.ndarray  # float64; estimated Jaccard to the kept member (1.0 for exact and for kept)
     clusters: pa.Table  # cluster_id, size, kept_index, kept_source, kept_doc_id, members, n_exact, ...
     candidate_pairs: int = 0  # LSH candidate pairs examined
-    confirmed_pairs: int = 0  # of which estimated Jaccard >= threshold
+    confirmed_pairs: int = 0  # of which Jaccard (exact or estimated, see `confirm`) >= threshold
+    confirm: str = "estimate"  # "exact" (shingle sets) or "estimate" (signatures): what confirmed the pairs
 
     def __len__(self) -> int:
         return len(self.kept)
@@ -119,6 +136,93 @@ class SpanHit:
     source_start: int
 
 
+class ExactBudgetExceeded(RuntimeError):
+    """Exact confirmation needed more pair comparisons than the `ExactJaccard` was allowed."""
+
+
+class ExactJaccard:
+    """Exact Jaccard similarity of documents' shingle sets, loaded on demand by global document index.
+
+    `load(indices)` returns, for each index, the document's sorted unique uint64 shingle hashes
+    (`corpus.minhash.MinHasher.shingle_sets`). Loaded sets are kept as uint32 ranks into the sorted
+    union of all loaded values (4 bytes per shingle, order kept), so a chunk of pairs becomes two sorted
+    arrays of (pair << 32 | rank) keys and one `searchsorted` counts every intersection: no sort and no
+    Python call per pair. Confirming more than `max_pairs` pairs raises `ExactBudgetExceeded`, so the
+    caller can fall back to the estimate.
+    """
+
+    def __init__(self, load: Callable[[np.ndarray], Sequence[np.ndarray]], max_pairs: int | None = None) -> None:
+        self._load = load
+        self.max_pairs = max_pairs
+        self.pairs = 0  # pairs confirmed so far (what max_pairs bounds)
+        self.shingles = 0  # shingles compared so far
+        self._vocab = np.zeros(0, dtype=np.uint64)  # sorted union of the loaded sets' values
+        self._sets: dict[int, np.ndarray] = {}  # document -> sorted uint32 ranks into _vocab
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def prefetch(self, indices: np.ndarray) -> None:
+        """Load the sets of these documents now (one `load` call for all that are missing)."""
+        wanted = np.unique(np.asarray(indices, dtype=np.int64))
+        missing = [i for i in wanted.tolist() if i not in self._sets]
+        if not missing:
+            return
+        sets = self._load(np.asarray(missing, dtype=np.int64))
+        if len(sets) != len(missing):
+            raise ValueError(f"shingle-set loader returned {len(sets)} sets for {len(missing)} documents")
+        arrays = []
+        for i, values in zip(missing, sets, strict=True):
+            arr = np.asarray(values)
+            if arr.ndim != 1 or (arr.size and arr.dtype != np.uint64) or np.any(arr[1:] <= arr[:-1]):
+                raise ValueError(f"shingle set of document {i} must be sorted unique uint64, got {arr.dtype} {arr[:4]}")
+            arrays.append(arr.astype(np.uint64, copy=False))
+        merged = np.union1d(self._vocab, np.concatenate(arrays)) if arrays else self._vocab
+        assert len(merged) < 1 << 32, f"{len(merged):,} distinct shingles do not fit uint32 ranks"
+        if len(merged) != len(self._vocab) and self._sets:
+            remap = np.searchsorted(merged, self._vocab).astype(np.uint32)
+            self._sets = {i: remap[r] for i, r in self._sets.items()}
+        self._vocab = merged
+        for i, arr in zip(missing, arrays, strict=True):
+            self._sets[i] = np.searchsorted(merged, arr).astype(np.uint32)
+
+    def jaccard(self, pairs: np.ndarray, budgeted: bool = True) -> np.ndarray:
+        """|A & B| / |A | B| for each (i, j) row of `pairs` (0.0 when both sets are empty)."""
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if budgeted:
+            self.pairs += len(pairs)
+            if self.max_pairs is not None and self.pairs > self.max_pairs:
+                raise ExactBudgetExceeded(
+                    f"exact confirmation reached {self.pairs:,} pairs, over the limit of {self.max_pairs:,}"
+                )
+        out = np.zeros(len(pairs), dtype=np.float64)
+        if len(pairs) == 0:
+            return out
+        self.prefetch(pairs.ravel())
+        a_sets = [self._sets[i] for i in pairs[:, 0].tolist()]
+        b_sets = [self._sets[i] for i in pairs[:, 1].tolist()]
+        len_a = np.fromiter(map(len, a_sets), dtype=np.int64, count=len(pairs))
+        len_b = np.fromiter(map(len, b_sets), dtype=np.int64, count=len(pairs))
+        cost = len_a + len_b
+        self.shingles += int(cost.sum())
+        ends = np.cumsum(cost)
+        cuts = np.searchsorted(ends, np.arange(_EXACT_CHUNK, int(ends[-1]), _EXACT_CHUNK), side="left") + 1
+        for c0, c1 in itertools.pairwise([0, *np.unique(cuts[cuts < len(pairs)]).tolist(), len(pairs)]):
+            # (pair << 32 | rank) is sorted over the whole chunk because each set is sorted.
+            seg_a = np.repeat(np.arange(c1 - c0, dtype=np.uint64), len_a[c0:c1])
+            key_a = (seg_a << np.uint64(32)) | np.concatenate(a_sets[c0:c1]).astype(np.uint64)
+            seg_b = np.repeat(np.arange(c1 - c0, dtype=np.uint64), len_b[c0:c1])
+            key_b = (seg_b << np.uint64(32)) | np.concatenate(b_sets[c0:c1]).astype(np.uint64)
+            if len(key_b) == 0:
+                continue
+            pos = np.minimum(np.searchsorted(key_b, key_a), len(key_b) - 1)
+            hit = key_b[pos] == key_a
+            inter = np.bincount(seg_a[hit].astype(np.int64), minlength=c1 - c0)
+            union = cost[c0:c1] - inter
+            out[c0:c1] = np.divide(inter, union, out=np.zeros(c1 - c0), where=union > 0)
+        return out
+
+
 @dataclass
 class LshIndex:
     """A persisted set of documents with their signatures and cluster ids (see `save_index`)."""
@@ -131,6 +235,7 @@ class LshIndex:
     priority: np.ndarray
     signatures: np.ndarray
     cluster_id: np.ndarray
+    confirm: str = "estimate"  # what confirmed the stored clusters' pairs: "exact" or "estimate"
     _bands: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -336,28 +441,42 @@ def _share_band(sig: np.ndarray, pairs: np.ndarray, cfg: DedupConfig) -> np.ndar
     return out
 
 
-def _confirm(sig: np.ndarray, pairs: np.ndarray, cfg: DedupConfig) -> np.ndarray:
-    """The pairs that really share a band (no key collision) and estimate Jaccard >= threshold."""
+def _confirm(sig: np.ndarray, pairs: np.ndarray, cfg: DedupConfig, exact: ExactJaccard | None = None) -> np.ndarray:
+    """The pairs that really share a band (no key collision) and have Jaccard >= threshold.
+
+    Jaccard is the exact one of the shingle sets when `exact` is given, else the signature estimate.
+    """
     keep = np.zeros(len(pairs), dtype=bool)
     width = cfg.bands * cfg.rows
     for c in range(0, len(pairs), _PAIR_CHUNK):
         p, q = pairs[c : c + _PAIR_CHUNK, 0], pairs[c : c + _PAIR_CHUNK, 1]
         eq = sig[p] == sig[q]
         band = eq[:, :width].reshape(len(p), cfg.bands, cfg.rows).all(axis=2).any(axis=1)
-        keep[c : c + _PAIR_CHUNK] = band & (eq.sum(axis=1) / cfg.num_perm >= cfg.threshold)
+        if exact is None:
+            band &= eq.sum(axis=1) / cfg.num_perm >= cfg.threshold
+        keep[c : c + _PAIR_CHUNK] = band
+    if exact is not None:
+        banded = np.flatnonzero(keep)
+        keep[banded] = exact.jaccard(pairs[banded]) >= cfg.threshold
     return pairs[keep]
 
 
-def duplicate_ratio(signatures: np.ndarray, cfg: DedupConfig) -> float:
-    """Fraction of documents that have a confirmed near duplicate (LSH candidate, estimate >= threshold)."""
+def near_duplicate_flags(signatures: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """Per document: has a near duplicate among these documents (LSH candidate, estimate >= threshold)."""
     sig = np.asarray(signatures, dtype=np.uint64)
     if len(sig) == 0:
-        return 0.0
+        return np.zeros(0, dtype=bool)
     linker = _Linker(sig, cfg, np.arange(len(sig), dtype=np.int64))
     linker.link_among(np.flatnonzero(~np.all(sig == MAX_HASH, axis=1)))
     # Components are made of confirmed pairs only, so a member of one with >= 2 documents has one.
     size = np.bincount(linker.label, minlength=len(sig))
-    return float(np.mean(size[linker.label] >= 2))
+    return size[linker.label] >= 2
+
+
+def duplicate_ratio(signatures: np.ndarray, cfg: DedupConfig) -> float:
+    """Fraction of documents that have a confirmed near duplicate (LSH candidate, estimate >= threshold)."""
+    flags = near_duplicate_flags(signatures, cfg)
+    return float(np.mean(flags)) if len(flags) else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,10 +517,11 @@ class _Linker:
     k^2 / 2 signature comparisons in each of the b bands: once they are linked, a pair costs two lookups.
     """
 
-    def __init__(self, sig: np.ndarray, cfg: DedupConfig, label: np.ndarray) -> None:
+    def __init__(self, sig: np.ndarray, cfg: DedupConfig, label: np.ndarray, exact: ExactJaccard | None = None) -> None:
         self.sig = sig
         self.cfg = cfg
         self.label = label
+        self.exact = exact
         self.examined = 0
         self.confirmed = 0
 
@@ -410,7 +530,7 @@ class _Linker:
         if len(pairs) == 0:
             return
         self.examined += len(pairs)
-        confirmed = _confirm(self.sig, pairs, self.cfg)
+        confirmed = _confirm(self.sig, pairs, self.cfg, self.exact)
         self.confirmed += len(confirmed)
         if len(confirmed):
             self.label = _components(len(self.label), confirmed, self.label)
@@ -418,13 +538,43 @@ class _Linker:
     def link_among(self, members: np.ndarray) -> None:
         """Offer every pair of `members` (global indices) that shares a band key."""
         keys = band_keys(self.sig[members], self.cfg)
+        if self.exact is not None:
+            # One load of every set a pair may need: members sharing some band key with another member.
+            self.exact.prefetch(members[_bucketed(keys)])
         for band in range(self.cfg.bands):
             order = np.argsort(keys[:, band], kind="stable")
             for local in _run_pairs(order, keys[order, band]):
                 self.offer(members[local])
 
 
-def _assemble(docs: _Docs, group: np.ndarray, label: np.ndarray, pairs: int, confirmed: int) -> DedupResult:
+def _bucketed(keys: np.ndarray) -> np.ndarray:
+    """Rows of `keys` (n, bands) that share at least one band key with another row."""
+    mask = np.zeros(len(keys), dtype=bool)
+    for band in range(keys.shape[1] if len(keys) else 0):
+        order = np.argsort(keys[:, band])
+        same = keys[order[1:], band] == keys[order[:-1], band]
+        mask[order[1:][same]] = True
+        mask[order[:-1][same]] = True
+    return np.flatnonzero(mask)
+
+
+def _covered(lo: np.ndarray, hi: np.ndarray, size: int) -> np.ndarray:
+    """Positions in [0, size) inside at least one [lo, hi) range (a difference array, no enumeration)."""
+    marks = np.zeros(size + 1, dtype=np.int64)
+    np.add.at(marks, lo, 1)
+    np.add.at(marks, hi, -1)
+    return np.flatnonzero(np.cumsum(marks[:-1]) > 0)
+
+
+def _assemble(
+    docs: _Docs,
+    group: np.ndarray,
+    rep: np.ndarray,
+    label: np.ndarray,
+    pairs: int,
+    confirmed: int,
+    exact: ExactJaccard | None = None,
+) -> DedupResult:
     n = len(docs)
     size = np.bincount(label, minlength=n)
     clustered = np.flatnonzero(size[label] >= 2)
@@ -434,7 +584,9 @@ def _assemble(docs: _Docs, group: np.ndarray, label: np.ndarray, pairs: int, con
     similarity = np.ones(n, dtype=np.float64)
     reason: list[str | None] = [None] * n
     if len(clustered) == 0:
-        return DedupResult(cluster_id, kept, kept_index, reason, similarity, _clusters_table([], docs), pairs, 0)
+        confirm = "exact" if exact is not None else "estimate"
+        table = _clusters_table([], docs)
+        return DedupResult(cluster_id, kept, kept_index, reason, similarity, table, pairs, 0, confirm)
     # Keep rule: highest quality, lowest priority, smallest doc_id, smallest index.
     doc_rank = np.empty(len(clustered), dtype=np.int64)
     doc_rank[sorted(range(len(clustered)), key=lambda k: docs.doc_id[clustered[k]])] = np.arange(len(clustered))
@@ -455,11 +607,17 @@ def _assemble(docs: _Docs, group: np.ndarray, label: np.ndarray, pairs: int, con
     kept[clustered] = kept_index[clustered] == clustered
     dropped = clustered[~kept[clustered]]
     k = kept_index[dropped]
-    exact = group[dropped] == group[k]
-    sim = np.mean(docs.signatures[dropped] == docs.signatures[k], axis=1)
-    similarity[dropped] = np.where(exact, 1.0, sim)
-    for i, is_exact in zip(dropped.tolist(), exact.tolist(), strict=True):
-        reason[i] = EXACT if is_exact else NEAR
+    is_exact = group[dropped] == group[k]
+    if exact is not None:
+        # Exact copies share the shingle set of their group's representative, whose set is loaded.
+        near = np.flatnonzero(~is_exact)
+        sim = np.ones(len(dropped), dtype=np.float64)
+        sim[near] = exact.jaccard(np.stack((rep[dropped[near]], rep[k[near]]), axis=1), budgeted=False)
+    else:
+        sim = np.mean(docs.signatures[dropped] == docs.signatures[k], axis=1)
+    similarity[dropped] = np.where(is_exact, 1.0, sim)
+    for i, is_exact_i in zip(dropped.tolist(), is_exact.tolist(), strict=True):
+        reason[i] = EXACT if is_exact_i else NEAR
     rows = []
     by_cluster = np.argsort(cluster_id[clustered], kind="stable")
     cl_sorted = clustered[by_cluster]
@@ -467,7 +625,8 @@ def _assemble(docs: _Docs, group: np.ndarray, label: np.ndarray, pairs: int, con
     for group_members in np.split(cl_sorted, bounds):
         rows.append(group_members)
     table = _clusters_table(rows, docs, kept_index, similarity, reason, cluster_id)
-    return DedupResult(cluster_id, kept, kept_index, reason, similarity, table, pairs, confirmed)
+    confirm = "exact" if exact is not None else "estimate"
+    return DedupResult(cluster_id, kept, kept_index, reason, similarity, table, pairs, confirmed, confirm)
 
 
 def _clusters_table(
@@ -535,15 +694,20 @@ def find_duplicates(
     quality: np.ndarray | Sequence[float],
     priority: np.ndarray | Sequence[int],
     cfg: DedupConfig,
+    exact: ExactJaccard | None = None,
 ) -> DedupResult:
-    """Exact and near-duplicate clusters over all documents, and which member of each is kept."""
+    """Exact and near-duplicate clusters over all documents, and which member of each is kept.
+
+    Candidates are confirmed by exact Jaccard through `exact` (indexed like the inputs) when given,
+    else by the signature estimate; `result.confirm` says which.
+    """
     docs = _validated(source, doc_id, exact_key, signatures, quality, priority, cfg)
     group, rep = _exact_groups(docs.exact_key, docs.signatures)
     nonempty = ~np.all(docs.signatures == MAX_HASH, axis=1)
     members = np.flatnonzero((rep == np.arange(len(docs))) & nonempty)
-    linker = _Linker(docs.signatures, cfg, _components(len(docs), _exact_edges(group, rep)))
+    linker = _Linker(docs.signatures, cfg, _components(len(docs), _exact_edges(group, rep)), exact)
     linker.link_among(members)
-    return _assemble(docs, group, linker.label, linker.examined, linker.confirmed)
+    return _assemble(docs, group, rep, linker.label, linker.examined, linker.confirmed, exact)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -569,23 +733,32 @@ def save_index(
     signatures: np.ndarray,
     cfg: DedupConfig,
     result: DedupResult | None = None,
+    cluster_id: np.ndarray | None = None,
+    confirm: str | None = None,
 ) -> Path:
     """Write an LSH index directory: documents.parquet, signatures.npy (uint32), index.json.
 
     `keys` has columns source, doc_id, exact_key, quality, priority. The cluster ids come from `result`
-    (a `find_duplicates` result on exactly these documents) or are computed here. Same inputs give the
-    same bytes (no timestamps, no pickle), so the directory can be a lake version as it is.
+    (a `find_duplicates` result on exactly these documents), or from `cluster_id` with `confirm` (the
+    confirmation that made them: "exact" or "estimate"), or are computed here by the estimate. Same
+    inputs give the same bytes (no timestamps, no pickle), so the directory can be a lake version as it is.
     """
     cols = _columns(keys)
     docs = _validated(
         cols["source"], cols["doc_id"], cols["exact_key"], signatures, cols["quality"], cols["priority"], cfg
     )
-    if result is None:
-        result = find_duplicates(
-            docs.source, docs.doc_id, docs.exact_key, docs.signatures, docs.quality, docs.priority, cfg
-        )
-    if len(result) != len(docs):
-        raise ValueError(f"result covers {len(result)} documents, keys have {len(docs)}")
+    if cluster_id is not None:
+        if result is not None or confirm not in ("exact", "estimate"):
+            raise ValueError(f"cluster_id needs confirm='exact' or 'estimate' and no result, got confirm={confirm!r}")
+        labels = np.asarray(cluster_id, dtype=np.int64)
+    else:
+        if result is None:
+            result = find_duplicates(
+                docs.source, docs.doc_id, docs.exact_key, docs.signatures, docs.quality, docs.priority, cfg
+            )
+        labels, confirm = result.cluster_id, result.confirm
+    if len(labels) != len(docs):
+        raise ValueError(f"result covers {len(labels)} documents, keys have {len(docs)}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     table = pa.table(
@@ -595,7 +768,7 @@ def save_index(
             "exact_key": pa.array(docs.exact_key, pa.string()),
             "quality": pa.array(docs.quality, pa.float64()),
             "priority": pa.array(docs.priority, pa.int64()),
-            "cluster_id": pa.array(result.cluster_id, pa.int64()),
+            "cluster_id": pa.array(labels, pa.int64()),
         }
     )
     pq.write_table(table, out / "documents.parquet", compression="zstd")
@@ -604,6 +777,8 @@ def save_index(
     meta = {
         "format": INDEX_FORMAT,
         "config": dataclasses.asdict(cfg),
+        # The confirmation that made the stored clusters, whatever cfg asked for (it may have fallen back).
+        "confirm": confirm,
         "documents": len(docs),
         "files": {name: _sha256(out / name) for name in INDEX_FILES},
     }
@@ -640,10 +815,11 @@ def load_index(path: str | Path) -> LshIndex:
         priority=table.column("priority").to_numpy(),
         signatures=sig,
         cluster_id=table.column("cluster_id").to_numpy(),
+        confirm=meta["confirm"],
     )
 
 
-_LSH_FIELDS = ("shingle_size", "num_perm", "bands", "rows", "threshold", "seed", "scheme")
+LSH_FIELDS = ("shingle_size", "num_perm", "bands", "rows", "threshold", "seed", "scheme")
 
 
 def find_duplicates_incremental(
@@ -655,20 +831,28 @@ def find_duplicates_incremental(
     quality: np.ndarray | Sequence[float],
     priority: np.ndarray | Sequence[int],
     cfg: DedupConfig | None = None,
+    exact: ExactJaccard | None = None,
 ) -> DedupResult:
     """`find_duplicates` on existing + new documents (in that order), comparing only new signatures.
 
     Stored-stored pairs are not recomputed: the stored cluster ids are their components. Exact keys are
     grouped by one sort over all keys (numpy, ~0.5 s per million); signature comparisons and LSH
-    lookups touch only the new documents.
+    lookups touch only the new documents. `exact` (indexed like existing + new) must be given exactly
+    when the index was made by exact confirmation.
     """
     cfg = existing.cfg if cfg is None else cfg
-    diff = [f for f in _LSH_FIELDS if getattr(cfg, f) != getattr(existing.cfg, f)]
+    diff = [f for f in LSH_FIELDS if getattr(cfg, f) != getattr(existing.cfg, f)]
     if diff:
         raise ValueError(
             f"dedup config differs from the index's in {diff}: "
             + ", ".join(f"{f}={getattr(cfg, f)!r} vs {getattr(existing.cfg, f)!r}" for f in diff)
             + "; rebuild the index with find_duplicates"
+        )
+    confirm = "exact" if exact is not None else "estimate"
+    if confirm != existing.confirm:
+        raise ValueError(
+            f"the index's clusters were confirmed by {existing.confirm!r}, this call confirms by {confirm!r}; "
+            "rebuild the index with find_duplicates"
         )
     new = _validated(source, doc_id, exact_key, signatures, quality, priority, cfg)
     n_old = len(existing)
@@ -689,10 +873,21 @@ def find_duplicates_incremental(
     first_of = np.full(int(existing.cluster_id.max(initial=-1)) + 1, n, dtype=np.int64)
     np.minimum.at(first_of, existing.cluster_id[old_clustered], old_clustered)
     old_edges = np.stack((first_of[existing.cluster_id[old_clustered]], old_clustered), axis=1)
-    linker = _Linker(docs.signatures, cfg, _components(n, np.concatenate((old_edges, _exact_edges(group, rep)))))
+    label = _components(n, np.concatenate((old_edges, _exact_edges(group, rep))))
+    linker = _Linker(docs.signatures, cfg, label, exact)
     # New against stored: look each new band key up in the stored sorted keys.
     old_members, old_sorted, old_order = existing.band_table()
     new_keys = band_keys(docs.signatures[new_members], cfg)
+    if exact is not None and len(new_members):
+        # One load of every set a pair may need: new documents whose band key is stored or repeats among
+        # the new ones, and the stored documents those keys point at.
+        need = [new_members[_bucketed(new_keys)]]
+        for band in range(cfg.bands):
+            lo = np.searchsorted(old_sorted[band], new_keys[:, band], side="left")
+            hi = np.searchsorted(old_sorted[band], new_keys[:, band], side="right")
+            need.append(new_members[hi > lo])
+            need.append(old_members[old_order[band, _covered(lo, hi, len(old_members))]])
+        exact.prefetch(np.concatenate(need))
     for band in range(cfg.bands if len(new_members) else 0):
         lo = np.searchsorted(old_sorted[band], new_keys[:, band], side="left")
         count = np.searchsorted(old_sorted[band], new_keys[:, band], side="right") - lo
@@ -709,7 +904,7 @@ def find_duplicates_incremental(
             linker.offer(np.stack((old_members[old_order[band, pos]], new_members[which]), axis=1))
     # New against new.
     linker.link_among(new_members)
-    return _assemble(docs, group, linker.label, linker.examined, linker.confirmed)
+    return _assemble(docs, group, rep, linker.label, linker.examined, linker.confirmed, exact)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,12 @@ that goes to DuckDB and Dagster.
 A version is written into `.tmp-<pid>-<random>/` beside its final place and renamed into place only
 when complete, so a crash never leaves a half-written version where a reader can find it. Temporary
 directories of dead writers are removed by the next writer of the same asset partition.
+
+Input memos let a refresh skip unchanged work: `<lake>/<asset>/<partition>/.inputs/<fingerprint>.json`
+maps a fingerprint of everything a build reads (code version, config, upstream version ids, library
+versions; see `input_fingerprint`) to the version it produced. A build whose fingerprint has a memo
+naming a complete version returns that version instead of recomputing it. The memo is only a shortcut:
+deleting `.inputs/` costs one recomputation, which gives the same version id again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,6 +36,11 @@ MANIFEST = "manifest.json"
 UNPARTITIONED = "_all"  # source names must start with a letter or digit, so this never collides
 HASH_CHUNK = 1 << 20
 TRACKED_LIBRARIES = ("numpy", "pyarrow", "tiktoken", "torch", "datasketch", "duckdb")
+# Libraries whose upgrade can change a stage's output without changing its code version: a different
+# version in any of them invalidates every input memo (the manifests' `libraries` stay TRACKED_LIBRARIES,
+# so version ids do not change with this list).
+FINGERPRINT_LIBRARIES = (*TRACKED_LIBRARIES, "ftfy", "lingua-language-detector", "phonenumbers")
+INPUTS = ".inputs"
 
 
 class LakeError(RuntimeError):
@@ -59,6 +71,23 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def fingerprint_libraries() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in FINGERPRINT_LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def input_fingerprint(inputs: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a build's inputs (values JSON cannot hold, like paths, as text)."""
+    return sha256_bytes(
+        json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+    )
 
 
 @dataclass(frozen=True)
@@ -119,6 +148,20 @@ class Version:
         if problems:
             raise LakeError("; ".join(problems))
 
+    def check_sizes(self) -> list[str]:
+        """Every manifest file present with its recorded size: the cheap check (`check_files` re-hashes)."""
+        problems = []
+        for entry in self.manifest["files"]:
+            path = self.path / entry["path"]
+            try:
+                size = path.stat().st_size
+            except OSError:
+                problems.append(f"{path}: missing")
+                continue
+            if size != entry["bytes"]:
+                problems.append(f"{path}: size {size} bytes, expected {entry['bytes']}")
+        return problems
+
     def check_files(self, names: Iterable[str] | None = None) -> Iterator[str]:
         entries = self.files
         for name in sorted(entries) if names is None else names:
@@ -172,6 +215,65 @@ class Lake:
     def open_ref(self, ref: UpstreamRef) -> Version:
         return self.open(ref.asset, ref.partition, ref.version)
 
+    def memo_path(self, asset: str, partition: str | None, fingerprint: str) -> Path:
+        assert len(fingerprint) == 64 and all(c in "0123456789abcdef" for c in fingerprint), (
+            f"input fingerprint must be a sha256 hex digest, got {fingerprint!r}"
+        )
+        return self.partition_dir(asset, partition) / INPUTS / f"{fingerprint}.json"
+
+    def remember(self, version: Version, fingerprint: str, record: Mapping[str, Any] | None = None) -> Path:
+        """Record that inputs `fingerprint` produced `version` (atomic replace; `record` is kept alongside)."""
+        path = self.memo_path(version.asset, version.partition, fingerprint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path.parent)
+        body = {**dict(record or {}), "asset": version.asset, "partition": version.partition}
+        body["version"] = version.version
+        tmp = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(
+                    json.dumps(body, sort_keys=True, indent=1, ensure_ascii=False, default=str).encode("utf-8")
+                )
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        return path
+
+    def recall(self, asset: str, partition: str | None, fingerprint: str) -> Recall:
+        """The version inputs `fingerprint` produced, when its memo exists and the version is still complete.
+
+        Completeness is checked cheaply (manifest hash, every file present with its size); a full re-hash
+        is `corpus verify`'s job. Anything amiss is a miss with a reason, never an error: the caller rebuilds.
+        """
+        path = self.memo_path(asset, partition, fingerprint)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            version_id = str(record["version"])
+        except FileNotFoundError:
+            return Recall(None, {}, f"no memo for inputs {fingerprint[:12]}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            return Recall(None, {}, f"memo {path} unreadable ({exc})")
+        try:
+            version = self.open(asset, partition, version_id)
+        except LakeError as exc:
+            return Recall(None, record, f"memo names {version_id[:12]}, which is gone or broken: {exc}")
+        problems = version.check_sizes()
+        if problems:
+            return Recall(None, record, f"version {version_id[:12]} is incomplete: {'; '.join(problems[:3])}")
+        return Recall(version, record, f"inputs {fingerprint[:12]} unchanged since version {version_id[:12]}")
+
+
+@dataclass(frozen=True)
+class Recall:
+    """The outcome of `Lake.recall`: the reusable version (None on a miss), the memo's record and why."""
+
+    version: Version | None
+    record: dict[str, Any]
+    reason: str
+
 
 def read_version(manifest_path: str | Path) -> Version:
     """Open a version from its manifest path; the manifest must hash to its own version id."""
@@ -217,6 +319,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temporary_owner(name: str) -> int | None:
+    """The writer pid in a `.tmp-<pid>-<random>` name; None when the name is not one."""
+    if not name.startswith(".tmp-"):
+        return None
+    try:
+        return int(name.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def temporary_is_stale(name: str) -> bool:
+    """A `.tmp-*` name whose writer is neither this process nor alive (an unparsable pid counts as dead)."""
+    pid = temporary_owner(name)
+    if pid is None:
+        return False
+    return not (pid == os.getpid() or (pid > 0 and _pid_alive(pid)))
+
+
+def remove_dead_temporaries(directory: Path) -> list[Path]:
+    """Remove the `.tmp-*` entries in `directory` whose writer process is gone; return what was removed."""
+    removed = []
+    for entry in directory.glob(".tmp-*"):
+        if not temporary_is_stale(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 class VersionWriter:
     """Write files into a temporary directory, then `commit()` them as one content-addressed version.
 
@@ -235,14 +369,7 @@ class VersionWriter:
         self.committed: Version | None = None
 
     def _remove_stale_temporaries(self) -> None:
-        for entry in self.parent.glob(".tmp-*"):
-            try:
-                pid = int(entry.name.split("-")[1])
-            except (IndexError, ValueError):
-                pid = -1
-            if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
-                continue
-            shutil.rmtree(entry, ignore_errors=True)
+        remove_dead_temporaries(self.parent)
 
     def __enter__(self) -> VersionWriter:
         return self

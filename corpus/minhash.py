@@ -42,9 +42,11 @@ indexes it, so empty documents are never near duplicates of each other or of any
 LSH (corpus.dedup): b bands of r rows; a pair with Jaccard J shares at least one whole band with
 probability P(J) = 1 - (1 - J^r)^b; the S-curve's steepest point is near t = (1/b)^(1/r).
 Defaults b=14, r=8 (112 permutations): t = 0.719, P(0.9) = 0.9996, P(0.8) = 0.9235, P(0.7) = 0.5645,
-P(0.5) = 0.0533, P(0.3) = 0.0009. Candidates are then confirmed by the signature estimate of J >=
-threshold (0.8, i.e. >= 90 of 112 values equal): the estimate's sd is sqrt(J(1-J)/112) = 0.038 at
-J = 0.8, so about half of the pairs exactly at J = 0.8 fall below it, and pairs at J = 0.9 almost never.
+P(0.5) = 0.0533, P(0.3) = 0.0009. Candidates are then confirmed against the threshold (0.8), by default
+(DedupConfig.confirm = "exact") by the exact Jaccard of the two documents' shingle sets
+(`MinHasher.shingle_sets`: the same shingles hashed to 64 bits, sorted and unique). The alternative,
+the signature estimate (>= 90 of 112 values equal), has sd sqrt(J(1-J)/112) = 0.038 at J = 0.8, so
+about half of the pairs exactly at J = 0.8 fall below it and 11% of the pairs at J = 0.75 pass.
 """
 
 from __future__ import annotations
@@ -294,8 +296,20 @@ class MinHasher:
                 self._min_permuted(hashes, offsets, out[lo:hi])
         return keys, out
 
-    def _shingle_hashes(self, batch: _Batch) -> tuple[np.ndarray, np.ndarray]:
-        """32-bit hash of every shingle (as uint64) and per-document offsets into that array."""
+    def shingle_sets(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's shingles as a sorted unique uint64 array of 64-bit hashes (for exact Jaccard).
+
+        The hash is `shingle_hash` before its top-32-bit cut: two distinct shingles collide with
+        probability 2^-64, so set sizes and intersections are exact for any real corpus.
+        """
+        out: list[np.ndarray] = []
+        for lo, hi in _batches(texts):
+            hashes, offsets = self._shingle_hashes(_Batch(texts[lo:hi]), full=True)
+            out.extend(np.unique(hashes[offsets[d] : offsets[d + 1]]) for d in range(hi - lo))
+        return out
+
+    def _shingle_hashes(self, batch: _Batch, full: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Hash of every shingle (32-bit as uint64; 64-bit when `full`) and per-document offsets into it."""
         n = self.cfg.shingle_size
         first = batch.first_word
         n_words = np.diff(first)
@@ -319,7 +333,8 @@ class MinHasher:
         h = prefix[end] - prefix[start]
         h *= self._powers.inv[start]
         fmix64(h)
-        h >>= np.uint64(32)
+        if not full:
+            h >>= np.uint64(32)
         return h, offsets
 
     def _min_permuted(self, hashes: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:

@@ -22,6 +22,8 @@ from corpus.tokenizer import get_encoding
 
 STAGE_ORDER = (
     "raw_documents",
+    "heuristic_documents",
+    "reference_model",
     "filtered_documents",
     "minhash_signatures",
     "duplicate_clusters",
@@ -113,9 +115,12 @@ def build_report(lake_root: Path) -> dict[str, Any]:
         "quarantined": quarantined,
         "mixture": mixture,
         "duplicates": {
-            "ratio": clusters.extra["duplicate_ratio"],
+            "ratio": clusters.extra["duplicate_ratio"],  # residual among kept documents (the asset check's)
+            "removed_ratio": clusters.extra.get("removed_ratio"),  # duplicates removed / documents
+            "confirm": clusters.extra.get("confirm"),
             "clusters": clusters.counts.get("clusters", 0),
             "removed": dict(clusters.counts.get("dropped", {})),
+            "per_source": {r["scope"]: r for r in clusters.extra.get("ratios", []) if r["scope"] != "all"},
         },
         "shards": shards,
         "windows": {

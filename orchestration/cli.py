@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import fcntl
 import json
 import os
@@ -86,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         instance = dg.DagsterInstance.get()
         quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
         started = time.monotonic()
+        since = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # metrics timestamps are naive UTC
         print(f"corpus run: {len(manifest.sources)} sources from {sources}\n  lake: {lake}")
         steps = [(phase, key) for phase in PHASES for key in (manifest.source_names if phase.partitioned else [None])]
         for number, (phase, key) in enumerate(steps, start=1):
@@ -110,6 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             for note in notes:
                 print(f"      warning: {note}")
         print(f"done in {time.monotonic() - started:.1f} s")
+        from corpus.lineage_export import emit_openlineage_quietly
+
+        print(emit_openlineage_quietly(lake, since, {a: phase.job for phase in PHASES for a in phase.assets}))
     from corpus.report import build_report, format_summary
 
     print(format_summary(build_report(lake)))
@@ -143,14 +148,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
     target = Path(args.manifest).expanduser().resolve() if args.manifest else None
-    result = verify(lake, target)
+    key = Path(args.public_key).expanduser() if args.public_key else None
+    signature = Path(args.signature).expanduser() if args.signature else None
+    # Problems are printed as they are found: on a large lake the first one shows long before the end.
+    result = verify(lake, target, public_key=key, signature=signature, on_problem=None if args.json else print)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
-        for problem in result.problems:
-            print(problem)
         status = "OK" if result.ok else f"FAILED ({len(result.problems)} problems)"
-        print(f"{status}: {result.versions} versions, {result.files} files, {result.bytes:,} bytes re-hashed")
+        signed = f", signed by key {result.signed_by}" if result.signed_by else ""
+        print(f"{status}: {result.versions} versions, {result.files} files, {result.bytes:,} bytes re-hashed{signed}")
+        if result.merkle_root:
+            print(f"release {result.release}, Merkle root {result.merkle_root}")
     return 0 if result.ok else 1
 
 
@@ -160,7 +169,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
     if args.kind == "sample":
         if len(args.args) != 2:
-            raise CliError("usage: corpus trace sample SHARD INDEX")
+            raise CliError("usage: corpus trace sample SHARD INDEX  (SHARD: train-00000.bin or packed:train)")
+        if args.replay:
+            out = audit.replay_sample(lake, args.args[0], int(args.args[1]))
+            print(json.dumps(out, indent=2, sort_keys=True, default=str))
+            return 0 if out["equal"] else 1
         out = audit.trace_sample(lake, args.args[0], int(args.args[1]))
     elif args.kind == "document":
         if len(args.args) != 1:
@@ -172,6 +185,71 @@ def cmd_trace(args: argparse.Namespace) -> int:
         out = audit.trace_file(lake, args.args[0])
     print(json.dumps(out, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from corpus import signing
+
+    if args.generate_key:
+        private, public, kid = signing.generate_keypair(Path(args.generate_key).expanduser())
+        print(f"key {kid}: private key {private} (mode 0600, keep it secret), public key {public}")
+        return 0
+    if not args.key:
+        raise CliError("usage: corpus sign [MANIFEST] --key PRIVATE_KEY.pem  (or --generate-key PATH)")
+    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    target = Path(args.manifest).expanduser().resolve() if args.manifest else None
+    path, record = signing.sign_release(lake, Path(args.key).expanduser(), target)
+    print(f"signed release {record['release']} (Merkle root {record['merkle_root']}) with key {record['key_id']}")
+    print(f"signature: {path}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from corpus.diff import diff_releases, format_diff, resolve_release
+
+    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    out = diff_releases(resolve_release(args.old, lake), resolve_release(args.new, lake))
+    print(json.dumps(out, indent=2, sort_keys=True) if args.json else format_diff(out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from corpus import lineage_export
+
+    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    out = Path(args.out).expanduser() if args.out else None
+    if args.format == "openlineage":
+        path, count = lineage_export.emit_openlineage(lake, out=out, parent_jobs=_phase_jobs())
+        print(f"{count} OpenLineage run events appended to {path}")
+    else:
+        document = lineage_export.croissant(lake)
+        # contentUrl values are relative to the lake root, so the default place makes the file loadable as is.
+        path = out or lake / "croissant.json"
+        path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+        print(f"Croissant description of release {document['identifier']} written to {path}")
+    return 0
+
+
+def _phase_jobs() -> dict[str, str]:
+    """asset -> the Dagster job (phase) that materializes it, for OpenLineage parent facets."""
+    from orchestration.definitions import PHASES
+
+    return {asset: phase.job for phase in PHASES for asset in phase.assets}
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from corpus.gc import collect, format_result
+
+    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    print(format_result(collect(lake, keep=args.keep, dry_run=args.dry_run)))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,13 +277,49 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("manifest", nargs="?", help="a manifest.json to verify with its lineage (default: latest)")
     verify.add_argument("--lake", help=lake_help)
     verify.add_argument("--json", action="store_true", help="machine-readable JSON")
+    verify.add_argument("--public-key", help="Ed25519 public key (PEM or OpenSSH): the release must be signed by it")
+    verify.add_argument(
+        "--signature", help="signature file (default: <lake>/releases/signatures/<release>/<key id>.json)"
+    )
     verify.set_defaults(func=cmd_verify)
 
     trace = sub.add_parser("trace", help="where a sample came from, what became of a document or a raw file")
     trace.add_argument("kind", choices=["sample", "document", "file"])
     trace.add_argument("args", nargs="+", help="sample: SHARD INDEX; document: DOC_ID; file: PATH")
     trace.add_argument("--lake", help=lake_help)
+    trace.add_argument(
+        "--replay", action="store_true", help="sample: re-derive its tokens from the raw files; exit 1 unless equal"
+    )
     trace.set_defaults(func=cmd_trace)
+
+    sign = sub.add_parser("sign", help="sign the latest release (or a release manifest) with an Ed25519 key")
+    sign.add_argument("manifest", nargs="?", help="a release manifest.json (default: the latest release)")
+    sign.add_argument("--lake", help=lake_help)
+    sign.add_argument("--key", help="Ed25519 private key, PEM (passphrase from $CORPUS_SIGNING_PASSPHRASE)")
+    sign.add_argument("--generate-key", metavar="PATH", help="write a new key pair to PATH and PATH.pub, then stop")
+    sign.set_defaults(func=cmd_sign)
+
+    diff = sub.add_parser("diff", help="what changed between two releases")
+    diff.add_argument("old", help="release: manifest path, lake directory, latest, latest~N or version id (prefix)")
+    diff.add_argument("new", help="release, as OLD")
+    diff.add_argument("--lake", help=lake_help)
+    diff.add_argument("--json", action="store_true", help="machine-readable JSON")
+    diff.set_defaults(func=cmd_diff)
+
+    export = sub.add_parser("export", help="lineage as OpenLineage events, or the dataset as Croissant JSON-LD")
+    export.add_argument("format", choices=["openlineage", "croissant"])
+    export.add_argument("--lake", help=lake_help)
+    export.add_argument(
+        "--out",
+        help="openlineage: events file (default <lake>/lineage/openlineage.jsonl); croissant: <lake>/croissant.json",
+    )
+    export.set_defaults(func=cmd_export)
+
+    gc = sub.add_parser("gc", help="remove versions no kept release needs (keeps the last N releases' lineage)")
+    gc.add_argument("--lake", help=lake_help)
+    gc.add_argument("--keep", type=_positive_int, default=3, help="releases to keep, newest first (default: 3)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    gc.set_defaults(func=cmd_gc)
     return parser
 
 
@@ -213,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CliError, ManifestError, LakeError, MetricsError, FileNotFoundError) as exc:
+    except (CliError, ManifestError, LakeError, MetricsError, FileNotFoundError, ValueError, IndexError) as exc:
         print(f"corpus {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

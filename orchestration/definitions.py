@@ -19,6 +19,7 @@ import dagster as dg
 
 from assets import dedup, mixing, quality, raw, release, shards, tokens, training
 from corpus.config import load_manifest
+from orchestration.automation import build_automation
 from orchestration.resources import PipelineResource, default_lake, default_sources
 
 
@@ -31,10 +32,17 @@ class Phase:
 
 
 PHASES = (
-    Phase("ingest", ("raw_documents", "filtered_documents", "minhash_signatures"), True, "read, filter, sign"),
+    Phase("ingest", ("raw_documents", "heuristic_documents"), True, "read, apply the quality rules"),
+    Phase("reference", ("reference_model",), False, "train the reference n-gram models"),
+    Phase("score", ("filtered_documents", "minhash_signatures"), True, "perplexity filter, sign"),
     Phase("cluster", ("duplicate_clusters",), False, "cluster duplicates across sources"),
     Phase("tokenize", ("deduplicated_documents", "tokenized_documents"), True, "deduplicate, tokenize"),
-    Phase("mix", ("mixture_plan", "mixed_tokens"), False, "plan the mixture, lay out the stream"),
+    Phase(
+        "mix",
+        ("repeated_spans", "mixture_plan", "mixed_tokens"),
+        False,
+        "find token spans shared across documents, plan the mixture, lay out the stream",
+    ),
     Phase("shard", ("training_windows", "packed_sequences", "dataset_release"), False, "windows, packing, release"),
     Phase("train", ("smoke_training",), False, "smoke-train a tiny GPT on both shard kinds"),
     Phase("scan", ("poisoning_scan",), False, "gradient-similarity scan for odd samples"),
@@ -56,9 +64,12 @@ def build_definitions(sources: Path | None = None, lake: Path | None = None) -> 
         )
         for phase in PHASES
     ]
+    schedules, sensors = build_automation(PHASES, jobs)  # refreshes; both STOPPED until switched on
     return dg.Definitions(
         assets=assets,
         jobs=jobs,
+        schedules=schedules,
+        sensors=sensors,
         resources={"pipeline": PipelineResource(sources=str(manifest.path), lake=str(lake))},
         executor=dg.in_process_executor,
     )

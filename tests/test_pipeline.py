@@ -82,11 +82,14 @@ def test_definitions_load(lakes: tuple[Path, Path, Path]) -> None:
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {
         "raw_documents",
+        "heuristic_documents",
+        "reference_model",
         "filtered_documents",
         "minhash_signatures",
         "duplicate_clusters",
         "deduplicated_documents",
         "tokenized_documents",
+        "repeated_spans",
         "mixture_plan",
         "mixed_tokens",
         "training_windows",
@@ -114,9 +117,16 @@ def test_report_counts_reconcile(lakes: tuple[Path, Path, Path]) -> None:
     stages = report["stages"]
     raw = stages["raw_documents"]
     assert raw["dropped"] == {"invalid_utf8": 1, "malformed_json": 1}
-    for name in ("raw_documents", "filtered_documents", "duplicate_clusters", "deduplicated_documents"):
+    for name in (
+        "raw_documents",
+        "heuristic_documents",
+        "filtered_documents",
+        "duplicate_clusters",
+        "deduplicated_documents",
+    ):
         assert stages[name]["in"] == stages[name]["out"] + sum(stages[name].get("dropped", {}).values())
-    assert stages["filtered_documents"]["in"] == raw["out"]
+    assert stages["heuristic_documents"]["in"] == raw["out"]
+    assert stages["filtered_documents"]["in"] == stages["heuristic_documents"]["out"]
     assert stages["deduplicated_documents"]["in"] == stages["filtered_documents"]["out"]
     assert stages["deduplicated_documents"]["out"] == stages["duplicate_clusters"]["out"]
     assert report["duplicates"]["removed"].get("exact_duplicate", 0) >= 1

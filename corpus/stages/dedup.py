@@ -1,31 +1,72 @@
-"""minhash_signatures -> duplicate_clusters -> deduplicated_documents.
+"""minhash_signatures -> duplicate_clusters -> deduplicated_documents, and the token-span pass repeated_spans.
 
 Signatures are computed per source (in parallel partitions); clusters need every source at once, so
 `duplicate_clusters` is the one cross-source step; `deduplicated_documents` then filters each source
 by its rows of the cluster decisions. Exact duplicates (same normalized text) and near-duplicates
 (MinHash LSH, see corpus.minhash) are decided together; which copy is kept, and why, is recorded.
+
+Confirmation (DedupConfig.confirm): "exact" re-reads the texts of the documents that share a band key
+with another document (from the documents version each signature version names as its upstream) and
+confirms candidates by the exact Jaccard of their hashed shingle sets; past `max_exact_pairs` pairs it
+warns and falls back to the signature estimate. The confirmation used is in the manifest (`confirm`).
+
+Incremental runs: each version holds its LSH index (`index/`, corpus.dedup.save_index). Given the
+previous version, documents whose (source, doc_id) the index holds, with unchanged signatures, reuse
+their stored clusters and only new documents are compared (find_duplicates_incremental). The result is
+mapped back to the canonical order (sources by priority, rows in order) and cluster ids renumbered by
+their smallest member there, so every file is byte-identical to a full recomputation, and so is the
+version id: whether the run was incremental is run-specific, like its time, and goes to DuckDB
+(`duplicate_index`) and the Dagster metadata, never into the manifest. Any mismatch (config, confirmation
+mode, a stored document gone or changed, an unreadable index) means a full recomputation, and says why.
+
+Span pass (`build_repeated_spans`): all sources' tokens in priority order; a document sharing >=
+span_length tokens with an earlier document is flagged with each span (corpus.dedup.find_repeated_spans).
+DedupConfig.span_policy says what the training stream should do with it: "flag" (nothing), "drop" (the
+document) or "remove_span" (the shared tokens); `span_policy_view` gives mixed_tokens the rows and token
+ranges to use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from corpus.config import DedupConfig, SourcesManifest
-from corpus.dedup import find_duplicates
-from corpus.lake import Version, VersionWriter
+from corpus.dedup import (
+    EXACT,
+    LSH_FIELDS,
+    NEAR,
+    DedupResult,
+    ExactBudgetExceeded,
+    ExactJaccard,
+    LshIndex,
+    find_duplicates,
+    find_duplicates_incremental,
+    find_repeated_spans,
+    load_index,
+    near_duplicate_flags,
+    save_index,
+)
+from corpus.lake import Lake, LakeError, Version, VersionWriter
 from corpus.minhash import MinHasher
 from corpus.stages import StageOutput
-from corpus.stages.io import DOCUMENT_SCHEMA, ParquetSink, iter_batches, write_rows
+from corpus.stages.io import DOCUMENT_SCHEMA, ParquetSink, iter_batches, read_tokens, write_rows
 
-SIGNATURES_CODE_VERSION = "minhash_signatures/1"
-CLUSTERS_CODE_VERSION = "duplicate_clusters/1"
+SIGNATURES_CODE_VERSION = "minhash_signatures/2"
+CLUSTERS_CODE_VERSION = "duplicate_clusters/2"
 DEDUPLICATED_CODE_VERSION = "deduplicated_documents/1"
+SPANS_CODE_VERSION = "repeated_spans/1"
+INDEX_DIR = "index"
+SIGNATURE_FIELDS = ("shingle_size", "num_perm", "seed", "scheme")  # what a signature depends on
+SPAN_FIELDS = ("span_length", "span_policy")  # not read by duplicate_clusters
 
 KEYS_SCHEMA = pa.schema([("doc_id", pa.string()), ("exact_key", pa.string()), ("quality", pa.float64())])
 DECISION_SCHEMA = pa.schema(
@@ -48,10 +89,37 @@ CLUSTER_SCHEMA = pa.schema(
         ("kept_source", pa.string()),
         ("kept_doc_id", pa.string()),
         ("sources", pa.string()),
+        ("n_exact", pa.int64()),
+        ("n_near", pa.int64()),
         ("min_similarity", pa.float64()),
         ("preview", pa.string()),
     ]
 )
+SPAN_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("doc_id", pa.string()),
+        ("start", pa.int64()),
+        ("length", pa.int64()),
+        ("earlier_source", pa.string()),
+        ("earlier_row", pa.int64()),
+        ("earlier_doc_id", pa.string()),
+        ("earlier_start", pa.int64()),
+    ]
+)
+SPAN_DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("doc_id", pa.string()),
+        ("tokens", pa.int64()),  # without the trailing <|endoftext|>
+        ("span_tokens", pa.int64()),  # union of the document's shared spans
+        ("action", pa.string()),  # flag | drop | remove_span
+    ]
+)
+# Cluster-size histogram bins: [lo, hi] member counts.
+SIZE_BINS = ((2, 2), (3, 3), (4, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 1 << 62))
 
 
 def build_minhash_signatures(filtered: Version, writer: VersionWriter, cfg: DedupConfig) -> StageOutput:
@@ -80,7 +148,8 @@ def build_minhash_signatures(filtered: Version, writer: VersionWriter, cfg: Dedu
     counts = {"in": n_docs, "out": n_docs, "dropped": {}, "documents": n_docs, "bytes_in": n_bytes}
     version = writer.commit(
         code_version=SIGNATURES_CODE_VERSION,
-        config={"dedup": dataclasses.asdict(cfg)},
+        # Only what a signature depends on: a new threshold or span setting keeps the signatures' version.
+        config={"dedup": {f: getattr(cfg, f) for f in SIGNATURE_FIELDS}},
         upstream=[filtered.ref()],
         counts=counts,
         extra={"out_file": "keys.parquet", "in_from": [filtered.asset], "num_perm": cfg.num_perm},
@@ -88,132 +157,456 @@ def build_minhash_signatures(filtered: Version, writer: VersionWriter, cfg: Dedu
     return StageOutput(version=version, counts=counts, summary={"documents": n_docs, "num_perm": cfg.num_perm})
 
 
-def build_duplicate_clusters(
-    signatures: Sequence[Version], filtered: Sequence[Version], manifest: SourcesManifest, writer: VersionWriter
-) -> StageOutput:
-    """Exact and near-duplicate clusters across all sources, with the kept member of each."""
+def documents_of(signatures: Version) -> Version:
+    """The documents version a minhash_signatures version was made from (its recorded upstream)."""
+    names = set(signatures.extra.get("in_from", []))
+    refs = [r for r in signatures.upstream if r.asset in names]
+    assert len(refs) == 1, f"{signatures.manifest_path}: expected one documents upstream in {names}, got {refs}"
+    return Lake(signatures.root).open_ref(refs[0])
+
+
+@dataclasses.dataclass
+class _Corpus:
+    """Every document of every source in canonical order: sources by priority, rows in order."""
+
+    sources: list[str]
+    rows: np.ndarray
+    doc_ids: list[str]
+    keys: list[str]
+    quality: np.ndarray
+    priority: np.ndarray
+    signatures: np.ndarray
+    documents: dict[str, Version]  # source -> the documents version its rows index
+    offsets: dict[str, int]  # source -> canonical index of its row 0
+    sizes: dict[str, int]  # source -> its number of documents
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def key_columns(self) -> dict[str, Any]:
+        return {
+            "source": self.sources,
+            "doc_id": self.doc_ids,
+            "exact_key": self.keys,
+            "quality": self.quality,
+            "priority": self.priority,
+        }
+
+
+def _read_corpus(signatures: Sequence[Version], manifest: SourcesManifest) -> _Corpus:
     cfg = manifest.pipeline.dedup
-    by_source = {v.partition: v for v in filtered}
     sources: list[str] = []
-    rows: list[int] = []
+    rows: list[np.ndarray] = []
     doc_ids: list[str] = []
     keys: list[str] = []
     quality: list[float] = []
     priority: list[int] = []
     blocks: list[np.ndarray] = []
+    documents: dict[str, Version] = {}
+    offsets: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for version in sorted(signatures, key=lambda v: manifest.source(v.partition).priority):
         table = pq.read_table(version.file("keys.parquet"))
         n = table.num_rows
+        offsets[version.partition] = len(doc_ids)
+        sizes[version.partition] = n
+        documents[version.partition] = documents_of(version)
         sources.extend([version.partition] * n)
-        rows.extend(range(n))
+        rows.append(np.arange(n, dtype=np.int64))
         doc_ids.extend(table.column("doc_id").to_pylist())
         keys.extend(table.column("exact_key").to_pylist())
         quality.extend(float(q or 0.0) for q in table.column("quality").to_pylist())
         priority.extend([manifest.source(version.partition).priority] * n)
         blocks.append(np.load(version.file("signatures.npy"), mmap_mode="r"))
     matrix = np.concatenate(blocks) if blocks else np.zeros((0, cfg.num_perm), dtype=np.uint64)
-    result = find_duplicates(
-        source=sources,
-        doc_id=doc_ids,
-        exact_key=keys,
-        signatures=matrix,
+    return _Corpus(
+        sources=sources,
+        rows=np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64),
+        doc_ids=doc_ids,
+        keys=keys,
         quality=np.asarray(quality, dtype=np.float64),
         priority=np.asarray(priority, dtype=np.int64),
-        cfg=cfg,
+        signatures=matrix,
+        documents=documents,
+        offsets=offsets,
+        sizes=sizes,
     )
+
+
+def _texts(corpus: _Corpus, canonical: np.ndarray) -> list[str]:
+    """Texts of the documents at these canonical indices, in that order (one pass per source file)."""
+    out: list[str] = [""] * len(canonical)
+    for source, start in corpus.offsets.items():
+        size = corpus.sizes[source]
+        mine = np.flatnonzero((canonical >= start) & (canonical < start + size))
+        if len(mine) == 0:
+            continue
+        wanted = {int(canonical[k]) - start: k for k in mine.tolist()}
+        row = 0
+        for batch in iter_batches(corpus.documents[source].file("documents.parquet"), ["text"]):
+            hits = [r for r in range(row, row + batch.num_rows) if r in wanted]
+            if hits:
+                column = batch.column("text")
+                for r in hits:
+                    out[wanted[r]] = column[r - row].as_py()
+            row += batch.num_rows
+        assert row == size, f"{source}: documents hold {row} rows, its signatures {size}"
+    return out
+
+
+def _shingle_loader(corpus: _Corpus, hasher: MinHasher, perm: np.ndarray) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """Shingle sets for library indices, where library index g is canonical document perm[g]."""
+
+    def load(indices: np.ndarray) -> list[np.ndarray]:
+        return hasher.shingle_sets(_texts(corpus, perm[indices]))
+
+    return load
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How this run clusters: incremental against a stored index, or full, and why."""
+
+    index: LshIndex | None
+    stored: np.ndarray  # canonical index of each stored document, in the index's order
+    previous: str | None
+    reason: str
+
+
+def _plan(previous: Version | None, corpus: _Corpus, cfg: DedupConfig) -> _Plan:
+    none = np.zeros(0, dtype=np.int64)
+    if previous is None:
+        return _Plan(None, none, None, "full: no previous duplicate_clusters materialization")
+    where = previous.version[:12]
+    if f"{INDEX_DIR}/index.json" not in previous.files:
+        return _Plan(None, none, previous.version, f"full: previous version {where} holds no LSH index")
+    try:
+        previous.verify_files([f"{INDEX_DIR}/index.json"])
+        index = load_index(previous.path / INDEX_DIR)
+    except (LakeError, ValueError, OSError) as exc:
+        return _Plan(None, none, previous.version, f"full: previous index {where} unreadable: {exc}")
+    changed = [f for f in LSH_FIELDS if getattr(index.cfg, f) != getattr(cfg, f)]
+    if changed:
+        return _Plan(None, none, previous.version, f"full: dedup config changed in {changed} since {where}")
+    if index.confirm != cfg.confirm:
+        return _Plan(
+            None, none, previous.version, f"full: {where} was confirmed by {index.confirm}, this run by {cfg.confirm}"
+        )
+    # (source, doc_id, k-th occurrence) -> canonical index: equal doc_ids in one source are equal texts.
+    position: dict[tuple[str, str, int], int] = {}
+    seen: Counter[tuple[str, str]] = Counter()
+    for i, (source, doc_id) in enumerate(zip(corpus.sources, corpus.doc_ids, strict=True)):
+        position[(source, doc_id, seen[(source, doc_id)])] = i
+        seen[(source, doc_id)] += 1
+    stored = np.empty(len(index), dtype=np.int64)
+    seen.clear()
+    for j, (source, doc_id) in enumerate(zip(index.source, index.doc_id, strict=True)):
+        stored[j] = position.get((source, doc_id, seen[(source, doc_id)]), -1)
+        seen[(source, doc_id)] += 1
+    gone = int(np.count_nonzero(stored < 0))
+    if gone:
+        # A removed document can split a stored cluster; only a full run knows the new components.
+        return _Plan(None, none, previous.version, f"full: {gone} of {len(index)} documents of {where} are gone")
+    same_keys = all(index.exact_key[j] == corpus.keys[i] for j, i in enumerate(stored.tolist()))
+    if not same_keys or not np.array_equal(index.signatures, corpus.signatures[stored]):
+        return _Plan(None, none, previous.version, f"full: stored documents of {where} changed text or signature")
+    return _Plan(index, stored, previous.version, f"incremental against {where}")
+
+
+@dataclasses.dataclass
+class _Decisions:
+    """A clustering result in canonical order, cluster ids renumbered by their smallest member."""
+
+    cluster_id: np.ndarray
+    kept: np.ndarray
+    kept_index: np.ndarray
+    reason: list[str | None]
+    similarity: np.ndarray
+
+
+def _canonical(result: DedupResult, perm: np.ndarray) -> _Decisions:
+    """Map a result whose index g is canonical document perm[g] back to canonical order."""
+    n = len(perm)
+    inv = np.empty(n, dtype=np.int64)
+    inv[perm] = np.arange(n)
+    raw = result.cluster_id[inv]
+    cluster_id = np.full(n, -1, dtype=np.int64)
+    clustered = np.flatnonzero(raw >= 0)
+    if len(clustered):
+        first = np.full(int(raw.max()) + 1, n, dtype=np.int64)
+        np.minimum.at(first, raw[clustered], clustered)
+        # Clusters numbered by their smallest canonical member, as find_duplicates numbers them.
+        order = np.argsort(first[first < n], kind="stable")
+        renumber = np.full(len(first), -1, dtype=np.int64)
+        renumber[np.flatnonzero(first < n)[order]] = np.arange(len(order))
+        cluster_id[clustered] = renumber[raw[clustered]]
+    return _Decisions(
+        cluster_id=cluster_id,
+        kept=result.kept[inv],
+        kept_index=perm[result.kept_index[inv]],
+        reason=[result.reason[g] for g in inv.tolist()],
+        similarity=result.similarity[inv],
+    )
+
+
+def _cluster(
+    corpus: _Corpus, cfg: DedupConfig, plan: _Plan, exact: bool
+) -> tuple[DedupResult, np.ndarray, ExactJaccard | None]:
+    """Run find_duplicates (or its incremental form); returns the result, its perm and the exact counter."""
+    hasher = MinHasher(cfg)
+    n = len(corpus)
+    if plan.index is not None:
+        is_new = np.ones(n, dtype=bool)
+        is_new[plan.stored] = False
+        new = np.flatnonzero(is_new)
+        perm = np.concatenate((plan.stored, new))
+        checker = ExactJaccard(_shingle_loader(corpus, hasher, perm), cfg.max_exact_pairs) if exact else None
+        # Current quality and priority: a source moved in the manifest changes which member is kept.
+        index = dataclasses.replace(
+            plan.index, quality=corpus.quality[plan.stored], priority=corpus.priority[plan.stored]
+        )
+        result = find_duplicates_incremental(
+            index,
+            [corpus.sources[i] for i in new.tolist()],
+            [corpus.doc_ids[i] for i in new.tolist()],
+            [corpus.keys[i] for i in new.tolist()],
+            corpus.signatures[new],
+            corpus.quality[new],
+            corpus.priority[new],
+            cfg,
+            exact=checker,
+        )
+        return result, perm, checker
+    perm = np.arange(n, dtype=np.int64)
+    checker = ExactJaccard(_shingle_loader(corpus, hasher, perm), cfg.max_exact_pairs) if exact else None
+    result = find_duplicates(
+        corpus.sources, corpus.doc_ids, corpus.keys, corpus.signatures, corpus.quality, corpus.priority, cfg, checker
+    )
+    return result, perm, checker
+
+
+def build_duplicate_clusters(
+    signatures: Sequence[Version],
+    manifest: SourcesManifest,
+    writer: VersionWriter,
+    previous: Version | None = None,
+) -> StageOutput:
+    """Exact and near-duplicate clusters across all sources, with the kept member of each.
+
+    `previous` (the latest earlier duplicate_clusters version, or None) lets documents it already
+    clustered reuse its index; the output is the same as without it.
+    """
+    cfg = manifest.pipeline.dedup
+    corpus = _read_corpus(signatures, manifest)
+    plan = _plan(previous, corpus, cfg)
+    exact = cfg.confirm == "exact"
+    try:
+        result, perm, checker = _cluster(corpus, cfg, plan, exact)
+    except ExactBudgetExceeded as exc:
+        warnings.warn(
+            f"duplicate_clusters: {exc} (dedup.max_exact_pairs); confirming every pair by the signature estimate "
+            "instead, which lets pairs below the threshold through (pair precision 0.84 on installed license texts)",
+            stacklevel=2,
+        )
+        exact = False
+        plan = dataclasses.replace(plan, index=None, reason=f"full: {exc}; fell back to the estimate")
+        result, perm, checker = _cluster(corpus, cfg, plan, exact)
+    decided = _canonical(result, perm)
+    n = len(corpus)
     decisions = []
     reasons: Counter[str] = Counter()
-    for i in range(len(doc_ids)):
-        kept_i = int(result.kept_index[i])
-        reason = result.reason[i]
+    for i in range(n):
+        k = int(decided.kept_index[i])
+        reason = decided.reason[i]
         if reason:
             reasons[reason] += 1
         decisions.append(
             {
-                "source": sources[i],
-                "row": rows[i],
-                "doc_id": doc_ids[i],
-                "cluster_id": int(result.cluster_id[i]),
-                "kept": bool(result.kept[i]),
+                "source": corpus.sources[i],
+                "row": int(corpus.rows[i]),
+                "doc_id": corpus.doc_ids[i],
+                "cluster_id": int(decided.cluster_id[i]),
+                "kept": bool(decided.kept[i]),
                 "reason": reason,
-                "similarity": float(result.similarity[i]),
-                "kept_source": sources[kept_i],
-                "kept_doc_id": doc_ids[kept_i],
+                "similarity": float(decided.similarity[i]),
+                "kept_source": corpus.sources[k],
+                "kept_doc_id": corpus.doc_ids[k],
             }
         )
-    previews = _previews(by_source, decisions)
-    clusters = []
-    for cluster in result.clusters.to_pylist():
-        kept_i = int(cluster["kept_index"])
-        members = [int(m) for m in cluster["members"]]
-        clusters.append(
-            {
-                "cluster_id": int(cluster["cluster_id"]),
-                "size": len(members),
-                "kept_source": sources[kept_i],
-                "kept_doc_id": doc_ids[kept_i],
-                "sources": ",".join(sorted({sources[m] for m in members})),
-                "min_similarity": float(cluster["min_similarity"]),
-                "preview": previews.get((sources[kept_i], rows[kept_i]), ""),
-            }
-        )
+    clusters = _cluster_rows(corpus, decided)
     write_rows(writer.path("decisions.parquet"), decisions, DECISION_SCHEMA)
     write_rows(writer.path("clusters.parquet"), clusters, CLUSTER_SCHEMA)
-    n = len(doc_ids)
-    kept = int(np.count_nonzero(result.kept))
-    ratio = float(result.duplicate_ratio(matrix, cfg))
+    confirm = "exact" if exact else "estimate"
+    save_index(
+        writer.path(INDEX_DIR),
+        corpus.key_columns(),
+        corpus.signatures,
+        cfg,
+        cluster_id=decided.cluster_id,
+        confirm=confirm,
+    )
+    sizes = Counter(int(c["size"]) for c in clusters)
+    with open(writer.path("cluster_sizes.png"), "wb") as handle:
+        handle.write(cluster_size_png(sizes))
+    ratios = _ratio_rows(corpus, decided, cfg)
+    overall = ratios[-1]
+    kept = int(np.count_nonzero(decided.kept))
     counts = {"in": n, "out": kept, "dropped": dict(sorted(reasons.items())), "clusters": len(clusters)}
-    per_source = {
-        s: {"in": sources.count(s), "kept": sum(1 for d in decisions if d["source"] == s and d["kept"])}
-        for s in dict.fromkeys(sources)
-    }
+    per_source = {r["scope"]: {"in": r["documents"], "kept": r["kept"]} for r in ratios[:-1]}
     version = writer.commit(
         code_version=CLUSTERS_CODE_VERSION,
-        config={"dedup": dataclasses.asdict(cfg)},
+        config={"dedup": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SPAN_FIELDS}},
         upstream=[v.ref() for v in signatures],
         counts=counts,
-        extra={"in_from": ["minhash_signatures"], "duplicate_ratio": ratio, "per_source": per_source},
+        extra={
+            "in_from": ["minhash_signatures"],
+            "duplicate_ratio": overall["residual_ratio"],
+            "removed_ratio": overall["ratio"],
+            "per_source": per_source,
+            "ratios": ratios,
+            "confirm": confirm,
+            "index": INDEX_DIR,
+        },
     )
-    sizes = Counter(c["size"] for c in clusters)
+    run = {
+        "mode": "incremental" if plan.index is not None else "full",
+        "previous_version": plan.previous,
+        "reason": plan.reason,
+        "reused_documents": len(plan.stored) if plan.index is not None else 0,
+        "new_documents": n - len(plan.stored) if plan.index is not None else n,
+        "confirm": confirm,
+        "candidate_pairs": result.candidate_pairs,
+        "confirmed_pairs": result.confirmed_pairs,
+        "exact_pairs": checker.pairs if checker else 0,
+        "exact_documents": len(checker) if checker else 0,
+        "exact_shingles": checker.shingles if checker else 0,
+    }
     top = sorted(clusters, key=lambda c: (-c["size"], c["cluster_id"]))[:10]
-    md = ["| cluster | size | sources | kept | preview |", "| --- | --- | --- | --- | --- |"]
+    md = ["| cluster | size | exact | near | min J | sources | kept | preview |"]
+    md.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     md += [
-        f"| {c['cluster_id']} | {c['size']} | {c['sources']} | {c['kept_doc_id'][:12]} | "
-        f"{c['preview'][:60].replace('|', '/')} |"
+        f"| {c['cluster_id']} | {c['size']} | {c['n_exact']} | {c['n_near']} | {c['min_similarity']:.3f} | "
+        f"{c['sources']} | {c['kept_doc_id'][:12]} | {c['preview'][:60].replace('|', '/')} |"
         for c in top
     ]
-    hist = ", ".join(f"{size}: {count}" for size, count in sorted(sizes.items()))
+    ratio_md = [
+        "| scope | documents | kept | exact | near | removed | residual |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ratio_md += [
+        f"| {r['scope']} | {r['documents']:,} | {r['kept']:,} | {r['exact_duplicates']:,} | {r['near_duplicates']:,} | "
+        f"{r['ratio']:.4f} | {r['residual_ratio']:.4f} |"
+        for r in ratios
+    ]
     return StageOutput(
         version=version,
         counts=counts,
         tables={
             "duplicate_clusters": clusters,
             "duplicate_decisions": decisions,
-            "duplicate_ratio": [{"scope": "all", "ratio": ratio, "kept": kept, "documents": n}],
+            "duplicate_ratio": ratios,
+            "duplicate_index": [run],
         },
-        summary={"duplicate_ratio": ratio, "clusters": len(clusters), "cluster_size_histogram": dict(sizes)},
-        markdown=f"Cluster sizes (size: count): {hist or 'none'}\n\nTop clusters:\n\n" + "\n".join(md),
+        summary={
+            "duplicate_ratio": overall["residual_ratio"],
+            "removed_ratio": overall["ratio"],
+            "clusters": len(clusters),
+            "cluster_size_histogram": {str(k): v for k, v in sorted(sizes.items())},
+            **run,
+        },
+        markdown=(
+            f"{run['mode']} ({plan.reason}); confirmed by {confirm} Jaccard\n\n"
+            + "\n".join(ratio_md)
+            + "\n\nTop clusters:\n\n"
+            + "\n".join(md)
+        ),
     )
 
 
-def _previews(filtered: dict[str, Version], decisions: list[dict[str, object]]) -> dict[tuple[str, int], str]:
-    """First 80 characters of each kept cluster member, for the top-clusters table."""
-    wanted: dict[str, set[int]] = {}
-    for d in decisions:
-        if d["cluster_id"] != -1 and d["kept"]:
-            wanted.setdefault(str(d["source"]), set()).add(int(d["row"]))  # type: ignore[arg-type]
-    out: dict[tuple[str, int], str] = {}
-    for source, rows in wanted.items():
-        version = filtered.get(source)
-        if version is None:
-            continue
-        row = 0
-        for batch in iter_batches(version.file("documents.parquet"), ["text"]):
-            for text in batch.column("text").to_pylist():
-                if row in rows:
-                    out[(source, row)] = " ".join(text[:200].split())[:80]
-                row += 1
-    return out
+def _cluster_rows(corpus: _Corpus, decided: _Decisions) -> list[dict[str, Any]]:
+    clustered = np.flatnonzero(decided.cluster_id >= 0)
+    by_cluster = clustered[np.argsort(decided.cluster_id[clustered], kind="stable")]
+    bounds = np.flatnonzero(np.diff(decided.cluster_id[by_cluster])) + 1
+    groups = np.split(by_cluster, bounds) if len(by_cluster) else []
+    previews = _previews(corpus, [int(decided.kept_index[g[0]]) for g in groups])
+    rows = []
+    for members in groups:
+        k = int(decided.kept_index[members[0]])
+        others = members[members != k].tolist()
+        rows.append(
+            {
+                "cluster_id": int(decided.cluster_id[k]),
+                "size": len(members),
+                "kept_source": corpus.sources[k],
+                "kept_doc_id": corpus.doc_ids[k],
+                "sources": ",".join(sorted({corpus.sources[m] for m in members.tolist()})),
+                "n_exact": sum(decided.reason[m] == EXACT for m in others),
+                "n_near": sum(decided.reason[m] == NEAR for m in others),
+                "min_similarity": float(decided.similarity[others].min()),
+                "preview": previews[k],
+            }
+        )
+    return rows
+
+
+def _previews(corpus: _Corpus, kept: list[int]) -> dict[int, str]:
+    """First 80 characters of each cluster's kept member, for the top-clusters table."""
+    texts = _texts(corpus, np.asarray(kept, dtype=np.int64))
+    return {k: " ".join(t[:200].split())[:80] for k, t in zip(kept, texts, strict=True)}
+
+
+def _ratio_rows(corpus: _Corpus, decided: _Decisions, cfg: DedupConfig) -> list[dict[str, Any]]:
+    """Per source and over all ("all"): documents, duplicates removed, and the residual among kept.
+
+    `ratio` = duplicates removed / documents. `residual_ratio` = kept documents that still have a kept
+    near duplicate by the signature estimate (LSH candidate, estimate >= threshold): 0 by construction
+    when the estimate confirmed the clusters; with exact confirmation, the pairs that only the estimate
+    calls duplicates. The check duplicate_ratio_below_limit bounds the overall residual.
+    """
+    kept_idx = np.flatnonzero(decided.kept)
+    residual = np.zeros(len(corpus), dtype=bool)
+    residual[kept_idx] = near_duplicate_flags(corpus.signatures[kept_idx], cfg)
+    reasons = np.array([r or "" for r in decided.reason], dtype=object)
+    sources = np.asarray(corpus.sources, dtype=object)
+    rows = []
+    for scope in [*corpus.offsets, "all"]:
+        mask = np.ones(len(corpus), dtype=bool) if scope == "all" else sources == scope
+        documents = int(mask.sum())
+        kept = int((mask & decided.kept).sum())
+        rows.append(
+            {
+                "scope": scope,
+                "documents": documents,
+                "kept": kept,
+                "exact_duplicates": int((mask & (reasons == EXACT)).sum()),
+                "near_duplicates": int((mask & (reasons == NEAR)).sum()),
+                "ratio": (documents - kept) / documents if documents else 0.0,
+                "residual_ratio": float((mask & residual).sum() / kept) if kept else 0.0,
+            }
+        )
+    return rows
+
+
+def cluster_size_png(sizes: Counter[int]) -> bytes:
+    """Bar chart: number of clusters per size bin (size = members, the kept one included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [str(lo) if lo == hi else (f"{lo}-{hi}" if hi < 1 << 62 else f">={lo}") for lo, hi in SIZE_BINS]
+    counts = [sum(c for s, c in sizes.items() if lo <= s <= hi) for lo, hi in SIZE_BINS]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    ax.bar(np.arange(len(labels)), counts, color="#4c72b0")
+    ax.set_xticks(np.arange(len(labels)), labels)
+    ax.set_xlabel("cluster size (documents)")
+    ax.set_ylabel("clusters")
+    ax.set_title(f"{sum(sizes.values()):,} clusters, {sum(s * c for s, c in sizes.items()):,} documents", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def build_deduplicated_documents(filtered: Version, clusters: Version, writer: VersionWriter) -> StageOutput:
@@ -248,3 +641,172 @@ def build_deduplicated_documents(filtered: Version, clusters: Version, writer: V
         extra={"out_file": "documents.parquet", "in_from": [filtered.asset]},
     )
     return StageOutput(version=version, counts=counts, summary={"documents": n_out})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Span pass
+
+
+def _document_tokens(
+    tokenized: Sequence[Version], manifest: SourcesManifest
+) -> tuple[list[np.ndarray], list[tuple[str, int, str]]]:
+    """Every document's tokens without its trailing <|endoftext|>, sources by priority, rows in order."""
+    arrays: list[np.ndarray] = []
+    meta: list[tuple[str, int, str]] = []
+    for version in sorted(tokenized, key=lambda v: manifest.source(v.partition).priority):
+        index = pq.read_table(version.file("index.parquet"), columns=["doc_id", "start", "length"])
+        tokens = read_tokens(version.file("tokens.bin"))
+        starts = index.column("start").to_numpy()
+        lengths = index.column("length").to_numpy()
+        for row, (doc_id, start, length) in enumerate(
+            zip(index.column("doc_id").to_pylist(), starts.tolist(), lengths.tolist(), strict=True)
+        ):
+            arrays.append(tokens[start : start + length - 1])
+            meta.append((version.partition, row, doc_id))
+    return arrays, meta
+
+
+def build_repeated_spans(tokenized: Sequence[Version], manifest: SourcesManifest, writer: VersionWriter) -> StageOutput:
+    """Spans of >= span_length tokens that a document shares with an earlier one, across all sources."""
+    cfg = manifest.pipeline.dedup
+    arrays, meta = _document_tokens(tokenized, manifest)
+    hits = find_repeated_spans(arrays, cfg.span_length)
+    span_rows = []
+    covered: dict[int, np.ndarray] = {}
+    for h in hits:
+        source, row, doc_id = meta[h.doc]
+        earlier_source, earlier_row, earlier_doc_id = meta[h.source_doc]
+        span_rows.append(
+            {
+                "source": source,
+                "row": row,
+                "doc_id": doc_id,
+                "start": h.start,
+                "length": h.length,
+                "earlier_source": earlier_source,
+                "earlier_row": earlier_row,
+                "earlier_doc_id": earlier_doc_id,
+                "earlier_start": h.source_start,
+            }
+        )
+        mask = covered.setdefault(h.doc, np.zeros(len(arrays[h.doc]), dtype=bool))
+        mask[h.start : h.start + h.length] = True
+    doc_rows = []
+    for d, mask in sorted(covered.items()):
+        source, row, doc_id = meta[d]
+        span_tokens = int(mask.sum())
+        # Nothing would be left of a fully covered document: removing its spans is dropping it.
+        action = "drop" if cfg.span_policy == "remove_span" and span_tokens == len(mask) else cfg.span_policy
+        doc_rows.append(
+            {
+                "source": source,
+                "row": row,
+                "doc_id": doc_id,
+                "tokens": len(mask),
+                "span_tokens": span_tokens,
+                "action": action,
+            }
+        )
+    write_rows(writer.path("spans.parquet"), span_rows, SPAN_SCHEMA)
+    write_rows(writer.path("documents.parquet"), doc_rows, SPAN_DOCUMENT_SCHEMA)
+    n_tokens = int(sum(len(a) for a in arrays))
+    span_tokens = sum(r["span_tokens"] for r in doc_rows)
+    per_source = []
+    for version in sorted(tokenized, key=lambda v: manifest.source(v.partition).priority):
+        mine = [r for r in doc_rows if r["source"] == version.partition]
+        per_source.append(
+            {
+                "source": version.partition,
+                "documents": int(version.counts.get("out", 0)),
+                "tokens": int(version.counts.get("tokens", 0)) - int(version.counts.get("out", 0)),
+                "flagged_documents": len(mine),
+                "span_tokens": sum(r["span_tokens"] for r in mine),
+                "dropped_documents": sum(r["action"] == "drop" for r in mine),
+            }
+        )
+    counts = {
+        "documents": len(arrays),
+        "tokens": n_tokens,
+        "spans": len(span_rows),
+        "flagged_documents": len(doc_rows),
+        "span_tokens": span_tokens,
+    }
+    version = writer.commit(
+        code_version=SPANS_CODE_VERSION,
+        config={"dedup": {f: getattr(cfg, f) for f in SPAN_FIELDS}},
+        upstream=[v.ref() for v in tokenized],
+        counts=counts,
+        extra={"in_from": ["tokenized_documents"], "span_policy": cfg.span_policy, "per_source": per_source},
+    )
+    md = ["| source | documents | flagged | span tokens | share of tokens |", "| --- | --- | --- | --- | --- |"]
+    md += [
+        f"| {r['source']} | {r['documents']:,} | {r['flagged_documents']:,} | {r['span_tokens']:,} | "
+        f"{r['span_tokens'] / max(r['tokens'], 1):.4f} |"
+        for r in per_source
+    ]
+    longest = sorted(span_rows, key=lambda r: (-r["length"], r["source"], r["row"]))[:10]
+    md += [
+        "",
+        "Longest shared spans:",
+        "",
+        "| source | row | tokens | earlier source | earlier row |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    md += [
+        f"| {r['source']} | {r['row']} | {r['length']:,} | {r['earlier_source']} | {r['earlier_row']} |"
+        for r in longest
+    ]
+    return StageOutput(
+        version=version,
+        counts=counts,
+        tables={"repeated_spans": span_rows, "repeated_span_sources": per_source},
+        summary={
+            "spans": len(span_rows),
+            "flagged_documents": len(doc_rows),
+            "span_tokens": span_tokens,
+            "span_token_share": span_tokens / n_tokens if n_tokens else 0.0,
+            "span_policy": cfg.span_policy,
+        },
+        markdown=f"span_length {cfg.span_length}, policy {cfg.span_policy}\n\n" + "\n".join(md),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanView:
+    """What a source's training stream keeps under the span policy (tokenized rows and token ranges)."""
+
+    rows: np.ndarray  # tokenized rows that stay, ascending
+    lengths: np.ndarray  # their lengths after removal, <|endoftext|> included
+    cuts: dict[int, list[tuple[int, int]]]  # row -> (start, length) ranges removed (remove_span only)
+
+    def tokens(self, row: int, document: np.ndarray) -> np.ndarray:
+        """The row's tokens (as stored, EOT included) without its removed ranges."""
+        ranges = self.cuts.get(row)
+        if not ranges:
+            return document
+        keep = np.ones(len(document), dtype=bool)
+        for start, length in ranges:
+            keep[start : start + length] = False
+        return document[keep]
+
+
+def span_policy_view(spans: Version, source: str, lengths: np.ndarray) -> SpanView:
+    """The source's rows and lengths under repeated_spans' policy: for mixed_tokens (flag keeps everything)."""
+    policy = spans.extra["span_policy"]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rows = np.arange(len(lengths), dtype=np.int64)
+    if policy == "flag":
+        return SpanView(rows, lengths.copy(), {})
+    docs = pq.read_table(spans.file("documents.parquet"), filters=[("source", "=", source)]).to_pylist()
+    drop = {int(r["row"]) for r in docs if r["action"] == "drop"}
+    cuts: dict[int, list[tuple[int, int]]] = {}
+    new_lengths = lengths.copy()
+    if policy == "remove_span":
+        trimmed = {int(r["row"]): int(r["span_tokens"]) for r in docs if r["action"] == "remove_span"}
+        for r in pq.read_table(spans.file("spans.parquet"), filters=[("source", "=", source)]).to_pylist():
+            if int(r["row"]) in trimmed:
+                cuts.setdefault(int(r["row"]), []).append((int(r["start"]), int(r["length"])))
+        for row, removed in trimmed.items():
+            new_lengths[row] -= removed
+    keep = np.setdiff1d(rows, np.fromiter(drop, dtype=np.int64, count=len(drop)))
+    return SpanView(keep, new_lengths[keep], cuts)
