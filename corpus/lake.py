@@ -374,9 +374,15 @@ class VersionWriter:
     def __enter__(self) -> VersionWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            # write(2) failing with ENOSPC or EACCES names no file; say which version was being written.
+            raise LakeError(
+                f"writing a version of {self.asset}[{self.partition}] into {self.tmp} failed: {exc}; "
+                "nothing was committed, the previous version stays current"
+            ) from exc
 
     def path(self, name: str) -> Path:
         """Where to write file `name` (a relative path; subdirectories are created)."""

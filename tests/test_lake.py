@@ -94,3 +94,21 @@ def test_invalid_file_names(tmp_path: Path) -> None:
         for name in ("../x", "/abs", "manifest.json"):
             with pytest.raises(ValueError, match="invalid file name"):
                 writer.path(name)
+
+
+def test_failed_write_names_the_version_and_leaves_nothing(tmp_path: Path) -> None:
+    import errno
+
+    import numpy as np
+
+    from corpus.stages.io import write_tokens
+
+    lake = Lake(tmp_path)
+    with pytest.raises(LakeError) as info, lake.writer("tokenized_documents", "docs") as writer:
+        target = writer.path("tokens.bin")
+        target.symlink_to("/dev/full")  # as on a full disk: open succeeds, the flush fails with ENOSPC
+        write_tokens(target, np.arange(1000, dtype=np.uint16), vocab_size=50257)
+    message = str(info.value)
+    assert str(tmp_path / "tokenized_documents" / "docs") in message and "nothing was committed" in message
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    assert list((tmp_path / "tokenized_documents" / "docs").iterdir()) == []

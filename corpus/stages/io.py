@@ -104,7 +104,10 @@ def write_tokens(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
         low, high = int(tokens.min()), int(tokens.max())
         assert low >= 0 and high < vocab_size, f"token ids out of range [0, {vocab_size}): min {low}, max {high}"
     assert vocab_size <= np.iinfo(TOKEN_DTYPE).max + 1, f"vocab {vocab_size} does not fit {TOKEN_DTYPE}"
-    tokens.astype("<u2", copy=False).tofile(path)
+    # Not ndarray.tofile: numpy ignores a failed flush at close (a small write to a full disk "succeeds"
+    # and leaves a short file); Python's file object raises it.
+    with open(path, "wb") as handle:
+        handle.write(np.ascontiguousarray(tokens, dtype="<u2").data)
 
 
 def read_tokens(path: Path) -> np.ndarray:

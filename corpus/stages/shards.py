@@ -19,7 +19,7 @@ from corpus.config import PipelineConfig
 from corpus.lake import Version, VersionWriter
 from corpus.packing import concat_split_stats, pack, pad_to_max_stats, save_packed
 from corpus.stages import StageOutput
-from corpus.stages.io import read_tokens
+from corpus.stages.io import read_tokens, write_tokens
 from corpus.windows import shard_token_ranges, window_count
 
 WINDOWS_CODE_VERSION = "training_windows/1"
@@ -43,7 +43,7 @@ def build_training_windows(mixed: Version, cfg: PipelineConfig, writer: VersionW
         ranges = shard_token_ranges(len(stream), cfg.max_length, cfg.stride, cfg.windows_per_shard)
         for number, (start, end) in enumerate(ranges):
             name = f"{split}-{number:05d}.bin"
-            np.ascontiguousarray(stream[start:end], dtype="<u2").tofile(writer.path(name))
+            write_tokens(writer.path(name), np.asarray(stream[start:end]), vocab_size=50257)
             shards.append(
                 {
                     "path": name,

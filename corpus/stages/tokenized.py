@@ -54,7 +54,7 @@ def build_tokenized_documents(documents: Version, writer: VersionWriter, encodin
             flat[ends - 1] = eot
             # uint16 holds GPT-2's ids (max 50256 < 65536); check the range before writing.
             assert not flat.size or int(flat.max()) < enc.n_vocab, f"token id {int(flat.max())} >= {enc.n_vocab}"
-            flat.astype("<u2", copy=False).tofile(out)
+            out.write(np.ascontiguousarray(flat, dtype="<u2").data)
             starts = offset + ends - lengths
             for i, doc_id in enumerate(batch.column("doc_id").to_pylist()):
                 index.add(
