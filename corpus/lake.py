@@ -437,11 +437,17 @@ class VersionWriter:
         final = self.parent / version
         if final.exists():
             # Same content already committed by an earlier run: keep it, it is byte-identical by construction.
-            existing = read_version(final / MANIFEST)
-            problems = list(existing.check_files())
+            try:
+                problems = list(read_version(final / MANIFEST).check_files())
+            except LakeError as exc:  # e.g. a kill inside an earlier replacement left no manifest
+                problems = [str(exc)]
             if problems:
-                shutil.rmtree(final)
+                # Move the damaged copy aside first (a .tmp-* name the next writer cleans up), so a kill
+                # here never leaves a manifest-less directory under the version's own name.
+                aside = self.parent / f".tmp-{os.getpid()}-{secrets.token_hex(6)}-replaced"
+                os.rename(final, aside)
                 os.rename(self.tmp, final)
+                shutil.rmtree(aside, ignore_errors=True)
             else:
                 shutil.rmtree(self.tmp)
         else:

@@ -112,3 +112,12 @@ def test_failed_write_names_the_version_and_leaves_nothing(tmp_path: Path) -> No
     assert str(tmp_path / "tokenized_documents" / "docs") in message and "nothing was committed" in message
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
     assert list((tmp_path / "tokenized_documents" / "docs").iterdir()) == []
+
+
+def test_commit_replaces_a_damaged_copy_of_the_same_version(tmp_path: Path) -> None:
+    lake = Lake(tmp_path)
+    first = commit(lake, "asset", b"same")
+    (first.path / "manifest.json").unlink()  # as if killed while an earlier run replaced this directory
+    again = commit(lake, "asset", b"same")
+    assert again.version == first.version and list(again.check_files()) == []
+    assert not [p for p in again.path.parent.iterdir() if p.name.startswith(".tmp-")]
