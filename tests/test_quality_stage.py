@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_perplexity import _rules_off  # tests/ is on sys.path (pytest's default import mode)
 
 from corpus.config import FilterConfig, PipelineConfig, SourcesManifest, SourceSpec
 from corpus.filters import QualityFilter
@@ -46,25 +48,7 @@ def garbage() -> str:
 
 def rules_off() -> FilterConfig:
     """Prose with its rules, language ID and PII policy off, so that garbage reaches the perplexity filter."""
-    off = dict.fromkeys(
-        (
-            "min_words",
-            "min_mean_word_length",
-            "max_mean_word_length",
-            "max_symbol_word_ratio",
-            "min_alpha_word_fraction",
-            "min_stop_words",
-            "max_dup_line_fraction",
-            "max_dup_line_char_fraction",
-            "max_dup_para_fraction",
-            "max_dup_para_char_fraction",
-            "max_top_ngram_char_fraction",
-            "max_dup_ngram_char_fraction",
-            "min_language_confidence",
-            "max_control_fraction",
-        )
-    )
-    return FilterConfig(profiles={"prose": off}, pii={"pii": "keep", "secrets": "keep"}, review_documents=5)
+    return dataclasses.replace(_rules_off(), review_documents=5)
 
 
 def make_manifest(cfg: FilterConfig, specs: tuple[SourceSpec, ...]) -> SourcesManifest:
