@@ -10,13 +10,12 @@ from corpus.stages.dedup import (
     CLUSTERS_CODE_VERSION,
     DEDUPLICATED_CODE_VERSION,
     SIGNATURES_CODE_VERSION,
-    SPANS_CODE_VERSION,
     build_deduplicated_documents,
     build_duplicate_clusters,
     build_minhash_signatures,
-    build_repeated_spans,
     documents_of,
 )
+from corpus.stages.spans import SPANS_CODE_VERSION, build_repeated_spans
 from orchestration.resources import PipelineResource
 
 RATIO_CHECK = "duplicate_ratio_below_limit"

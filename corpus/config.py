@@ -251,7 +251,7 @@ class DedupConfig:
     threshold: float = 0.8
     max_duplicate_ratio: float = 0.04
     seed: int = 1
-    # Token span pass (corpus.dedup.find_repeated_spans): spans of >= span_length tokens shared with an
+    # Token span pass (corpus.spans.find_repeated_spans): spans of >= span_length tokens shared with an
     # earlier document are flagged; 128 is the seed's "128-gram level".
     span_length: int = 128
     # MinHash permutation scheme, named as datasketch names it: "legacy" ((a*h + b) mod (2^61 - 1), the

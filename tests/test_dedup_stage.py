@@ -20,6 +20,7 @@ from corpus import minhash as mh
 from corpus.config import DedupConfig, SourcesManifest, load_manifest
 from corpus.lake import Lake, Version
 from corpus.stages import dedup as st
+from corpus.stages import spans as sp
 from corpus.stages.io import DOCUMENT_SCHEMA, write_rows
 from corpus.stages.tokenized import INDEX_SCHEMA
 
@@ -443,7 +444,7 @@ def test_repeated_spans_and_policy_view(tmp_path: Path, policy: str) -> None:
     lake = Lake(tmp_path / "lake")
     versions = span_corpus(lake)
     with lake.writer("repeated_spans") as writer:
-        out = st.build_repeated_spans(list(reversed(versions)), manifest, writer)  # order from priority, not input
+        out = sp.build_repeated_spans(list(reversed(versions)), manifest, writer)  # order from priority, not input
     hits = [
         (r["source"], r["row"], r["start"], r["length"], r["earlier_source"], r["earlier_row"], r["earlier_start"])
         for r in pq.read_table(out.version.file("spans.parquet")).to_pylist()
@@ -464,7 +465,7 @@ def test_repeated_spans_and_policy_view(tmp_path: Path, policy: str) -> None:
     assert out.counts == {"documents": 6, "tokens": 1130, "spans": 4, "flagged_documents": 3, "span_tokens": 440}
     assert [r["flagged_documents"] for r in out.tables["repeated_span_sources"]] == [0, 3]
     b_lengths = pq.read_table(versions[1].file("index.parquet")).column("length").to_numpy()
-    view = st.span_policy_view(out.version, "b", b_lengths)
+    view = sp.span_policy_view(out.version, "b", b_lengths)
     tokens_b = np.fromfile(versions[1].file("tokens.bin"), dtype="<u2")
     if policy == "flag":
         assert view.rows.tolist() == [0, 1, 2, 3] and view.lengths.tolist() == b_lengths.tolist() and not view.cuts
