@@ -8,12 +8,15 @@ that peak memory (process peak RSS on CPU, `max_memory_allocated` on CUDA) is it
 - windows-list     prebuilt (inputs, targets) tensors in a list: no loader, the baseline for loader wait
 - windows-loader   ShardLoader over SlidingWindowDataset (stride = max_length), shuffled
 - packed-segments  ShardLoader over PackedDataset, mask built by the training step from segment_ids
-- packed-mask      ShardLoader over PackedDataset(with_mask=True): the B x L x L mask comes from the loader
+- packed-mask      ShardLoader over PackedDataset(with_mask=True): the B x L x L mask comes from the dataset
+- packed-device-mask  ShardLoader(device=..., build_mask=True): batches handed over on the training device
+                   (pinned, non-blocking on CUDA) with the mask built there by the loader
 
 `--small` (the default without CUDA) is d_model 64, L 64, batch 8, 20 steps, so that the run stays
 under ~2 minutes on two CPU cores; with CUDA the default is the pipeline's TrainingConfig at L 256 and
 200 steps. `--small` runs one torch thread per child unless `--threads` says otherwise.
-Run: `.venv/bin/python benchmarks/smoke_training.py [--small | --full] [--threads N]`.
+Run: `.venv/bin/python benchmarks/smoke_training.py [--small | --full] [--threads N] [--out DIR]`; results go
+to DIR/smoke_training.json on the CPU and DIR/smoke_training_cuda.json on a GPU.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from corpus.windows import SlidingWindowDataset  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TOKENS = 200_000
-VARIANTS = ("windows-list", "windows-loader", "packed-segments", "packed-mask")
+VARIANTS = ("windows-list", "windows-loader", "packed-segments", "packed-mask", "packed-device-mask")
 SEED = 1234
 
 
@@ -85,7 +88,9 @@ def run_variant(variant: str, data: Path, small: bool, threads: int | None) -> d
         with_mask = variant == "packed-mask"
         train_ds = PackedDataset(pack(stream, starts[:n_train], lengths[:n_train], length), with_mask=with_mask)
         val_ds = PackedDataset(pack(stream, starts[n_train:], lengths[n_train:], length), with_mask=with_mask)
-    loader = ShardLoader(train_ds, cfg.batch_size, shuffle=True, seed=SEED)
+    on_device = variant == "packed-device-mask"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if on_device else None
+    loader = ShardLoader(train_ds, cfg.batch_size, shuffle=True, seed=SEED, device=device, build_mask=on_device)
     if variant == "windows-list":
         batches: Any = [loader.fetch(idx, 0) for idx in loader.epoch_batches(0)[: cfg.steps]]
     else:
@@ -108,6 +113,7 @@ def main() -> int:
     size.add_argument("--small", action="store_true", help="small CPU config (default without CUDA)")
     size.add_argument("--full", action="store_true", help="the pipeline's TrainingConfig, L 256, 200 steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1 if --small)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     small = args.small or (not args.full and not torch.cuda.is_available())
@@ -148,17 +154,17 @@ def main() -> int:
         f"{first['param_count']:,} parameters ({first['non_embedding_param_count']:,} non-embedding); "
         f"{int(lengths.sum()):,} tokens in {len(docs)} files"
     )
-    header = f"{'variant':16s} {'loss tok/s':>10s} {'loss tokens':>11s} {'wait s':>7s} {'wait %':>7s} {'check s':>7s}"
+    header = f"{'variant':19s} {'loss tok/s':>10s} {'loss tokens':>11s} {'wait s':>7s} {'wait %':>7s} {'check s':>7s}"
     header += f" {'peak MiB':>9s} {'loss first5->last5':>19s} {'val before->after':>18s}"
     print(header)
     for r in rows:
         print(
-            f"{r['variant']:16s} {r['tokens_per_s']:10.0f} {r['loss_tokens']:11d} {r['loader_wait_s']:7.3f} "
+            f"{r['variant']:19s} {r['tokens_per_s']:10.0f} {r['loss_tokens']:11d} {r['loader_wait_s']:7.3f} "
             f"{100 * r['loader_wait_share']:6.2f}% {r['check_s']:7.3f} {r['peak_memory_bytes'] / 2**20:9.1f} "
             f"{r['first_loss_mean']:8.3f} -> {r['last_loss_mean']:6.3f} {r['val_loss_before']:7.3f} -> "
             f"{r['val_loss_after']:6.3f}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "smoke_training",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
@@ -168,9 +174,11 @@ def main() -> int:
         "config": {k: getattr(cfg, k) for k in ("steps", "batch_size", "d_model", "n_layers", "n_heads")},
         "runs": rows,
     }
-    out = RESULTS / "smoke_training.json"
+    # CPU and GPU figures live side by side: smoke_training.json (CPU) and smoke_training_cuda.json.
+    name = "smoke_training.json" if first["device_type"] == "cpu" else f"smoke_training_{first['device_type']}.json"
+    out = args.out / name
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
     return 0
 
 

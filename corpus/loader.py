@@ -11,6 +11,10 @@
   across data-parallel ranks, optionally masking 1-3 target tokens per sample (memorisation control), and
   can resume at exactly the next unseen batch from `state_dict()`. Batches are gathered with one
   vectorised fancy-index per shard; the only Python loops are over batches and shards, never samples.
+  With `device=` it hands batches over on that device (pinned, non-blocking copies to CUDA), and with
+  `build_mask=True` it builds the packed rows' block-diagonal causal mask there from `segment_ids`: on a
+  GPU that is a few microseconds of device work, where the same B x L x L bool mask built on the CPU
+  costs more than all the rest of the loading (benchmarks/gpu.py, benchmarks/packing.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from corpus.lake import LakeError, Version, read_version
+from corpus.packing import block_causal_mask
 from corpus.tokenizer import ENDOFTEXT, get_encoding
 from corpus.windows import (
     IndexLike,
@@ -245,6 +250,8 @@ class ShardLoader:
     return stacked `(inputs, targets)`, a dict of stacked tensors, or a list of samples (then collated).
     Iterating continues the current epoch from its next unseen batch; once an epoch is done, the next
     iteration starts epoch + 1. `last_indices` holds the dataset indices of the batch last served.
+    `device` moves every batch there (pinned and non-blocking for CUDA); `build_mask` adds a packed batch's
+    `attention_mask` (corpus.packing.block_causal_mask of its `segment_ids`) on that device.
     """
 
     def __init__(
@@ -259,6 +266,8 @@ class ShardLoader:
         world_size: int = 1,
         mask_tokens: tuple[int, int] | None = None,
         pin_memory: bool = False,
+        device: str | torch.device | None = None,
+        build_mask: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -282,7 +291,13 @@ class ShardLoader:
         self.rank = rank
         self.world_size = world_size
         self.mask_tokens = mask_tokens
-        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine")
+        self.build_mask = bool(build_mask)
+        # Copies to a GPU come from pinned memory so that they can overlap with compute (non_blocking).
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        self.pin_memory = (pin_memory or on_gpu) and torch.cuda.is_available()
         self.epoch = 0
         self.next_batch = 0
         self.last_indices: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
@@ -352,7 +367,7 @@ class ShardLoader:
             yield batch
 
     def fetch(self, indices: npt.NDArray[np.int64], epoch: int) -> Batch:
-        """The batch of these dataset indices, masked for `epoch` when mask_tokens is set, pinned if asked."""
+        """These indices' batch; target-masked for `epoch` (mask_tokens), pinned, moved and masked as configured."""
         get_batch = getattr(self.dataset, "get_batch", None)
         raw = get_batch(indices) if callable(get_batch) else self.dataset.__getitems__(indices.tolist())
         batch = _as_stacked(raw, len(indices))
@@ -360,7 +375,21 @@ class ShardLoader:
             batch = self._mask(batch, indices, epoch)
         if self.pin_memory:
             batch = _map_tensors(batch, torch.Tensor.pin_memory)
+        if self.device is not None:
+            device = self.device
+            batch = _map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+        if self.build_mask:
+            batch = self._attention_mask(batch)
         return batch
+
+    def _attention_mask(self, batch: Batch) -> Batch:
+        """Add `attention_mask` [B, 1, L, L] built from `segment_ids` where the batch now is."""
+        if not isinstance(batch, dict) or "segment_ids" not in batch:
+            have = sorted(batch) if isinstance(batch, dict) else f"a tuple of {len(batch)} tensors"
+            raise ValueError(f"build_mask needs packed batches with 'segment_ids', got {have}")
+        if "attention_mask" in batch:
+            return batch  # the dataset built one already (PackedDataset(with_mask=True))
+        return {**batch, "attention_mask": block_causal_mask(batch["segment_ids"])}
 
     def _mask(self, batch: Batch, indices: npt.NDArray[np.int64], epoch: int) -> Batch:
         assert self.mask_tokens is not None

@@ -29,6 +29,7 @@ offset in document) for every piece, so `PackedRows.trace(row, col)` is (documen
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import os
@@ -441,20 +442,76 @@ def concat_split_stats(doc_lengths: np.ndarray, max_length: int) -> PackingStats
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _causal(length: int, device: torch.device) -> torch.Tensor:
+    """The [L, L] lower-triangular bool matrix, made once per (length, device) and never written to."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril_()
+
+
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, L] bool, True = may attend: same piece and not in the future; a pad attends to itself only.
 
-    Runs on `segment_ids`' device, so a training step can build the mask on the accelerator. Padding gets
-    its diagonal because a query with no allowed key makes scaled_dot_product_attention return NaN.
+    Runs on `segment_ids`' device, so a training step or the loader can build the mask on the accelerator.
+    Padding gets its diagonal because a query with no allowed key makes scaled_dot_product_attention
+    return NaN. On a GPU: one broadcast comparison and one in-place AND with a cached causal matrix (two
+    kernels over B x L x L bytes). On the CPU, where those full passes cost 50-160 ms at B=8, L=2048, the
+    pieces' triangles are copied block by block instead (`_block_fill`, ~5 ms), the same mask whenever a
+    row's segment ids are contiguous runs, as packing writes them.
     """
     if segment_ids.ndim != 2:
         raise ValueError(f"segment_ids must be [B, L], got shape {tuple(segment_ids.shape)}")
+    if segment_ids.device.type == "cpu":
+        filled = _block_fill(segment_ids.numpy())
+        if filled is not None:
+            return torch.from_numpy(filled)[:, None]
     length = segment_ids.shape[1]
-    column = torch.arange(length, device=segment_ids.device)
+    if segment_ids.dtype not in (torch.int32, torch.int64):
+        segment_ids = segment_ids.long()
     # Give each pad a segment of its own (-1 - column), so "same segment" alone excludes pad-to-pad.
-    seg = torch.where(segment_ids >= 0, segment_ids.long(), -1 - column)
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril_()
-    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    seg = torch.where(segment_ids >= 0, segment_ids, _pad_ids(length, segment_ids.device, segment_ids.dtype))
+    mask = seg[:, :, None] == seg[:, None, :]
+    mask &= _causal(length, segment_ids.device)
+    return mask[:, None]
+
+
+@functools.lru_cache(maxsize=8)
+def _pad_ids(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """-1 - column: a segment id of its own for a pad at each position (cached: fewer kernels per batch)."""
+    return -1 - torch.arange(length, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _tri(length: int) -> np.ndarray:
+    tri = np.tri(length, dtype=bool)
+    tri.flags.writeable = False
+    return tri
+
+
+def _block_fill(segments: np.ndarray) -> np.ndarray | None:
+    """[B, L, L] block-diagonal causal mask from segment ids by block copies; None if a piece's ids are not
+    one contiguous run (then only the full comparison is right).
+
+    np.zeros gets zeroed pages from calloc and one triangle copy per piece touches sum(l_i^2) <= L^2
+    cells a row: at B=8, L=2048 this took 5 ms with one thread against 50-160 ms for the full passes.
+    """
+    batch, length = segments.shape
+    mask = np.zeros((batch, length, length), dtype=bool)
+    tri = _tri(length)
+    for b in range(batch):
+        row = segments[b]
+        bounds = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), length]
+        seen: set[int] = set()
+        for lo, hi in itertools.pairwise(bounds):
+            piece = int(row[lo])
+            if piece < 0:
+                idx = np.arange(lo, hi)
+                mask[b, idx, idx] = True  # padding: each pad attends to itself only
+                continue
+            if piece in seen:
+                return None
+            seen.add(piece)
+            mask[b, lo:hi, lo:hi] = tri[: hi - lo, : hi - lo]
+    return mask
 
 
 class PackedDataset:
@@ -472,7 +529,6 @@ class PackedDataset:
     def __init__(self, rows: PackedRows, *, with_mask: bool = False) -> None:
         self.rows = rows
         self.with_mask = with_mask
-        self._causal = np.tri(rows.max_length, dtype=bool)
         self._paths: dict[str, Path] | None = None  # set by open_packed: pickles as paths, not arrays
 
     def __len__(self) -> int:
@@ -480,7 +536,6 @@ class PackedDataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_causal"]
         if self._paths is not None:
             state["rows"] = None  # a DataLoader worker re-opens the memmaps instead of receiving copies
         return state
@@ -489,7 +544,6 @@ class PackedDataset:
         self.__dict__.update(state)
         if self._paths is not None:
             self.rows = _open_rows(self._paths)
-        self._causal = np.tri(self.rows.max_length, dtype=bool)
 
     def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -519,24 +573,8 @@ class PackedDataset:
             "segment_ids": torch.from_numpy(segments),
         }
         if self.with_mask:
-            out["attention_mask"] = self._mask(idx, segments)
+            out["attention_mask"] = block_causal_mask(out["segment_ids"])
         return out
-
-    def _mask(self, idx: np.ndarray, segments: np.ndarray) -> torch.Tensor:
-        # Block fill in numpy: one tril copy per piece touches sum(l_i^2) <= L^2 cells a row, and np.zeros
-        # gets zeroed pages from calloc. With one thread (as in DataLoader workers) at B=8, L=2048 this took
-        # 5 ms against 30 ms for the same fill in torch and 50-160 ms for block_causal_mask's full passes.
-        length = self.rows.max_length
-        mask = np.zeros((idx.size, length, length), dtype=bool)
-        cu = self.rows.cu_seqlens
-        offsets = self.rows.cu_seqlens_offsets
-        for b, row in enumerate(idx.tolist()):
-            bounds = np.asarray(cu[int(offsets[row]) : int(offsets[row + 1])]).tolist()
-            for lo, hi in itertools.pairwise(bounds):
-                mask[b, lo:hi, lo:hi] = self._causal[: hi - lo, : hi - lo]
-        pad_b, pad_q = np.nonzero(segments < 0)
-        mask[pad_b, pad_q, pad_q] = True
-        return torch.from_numpy(mask)[:, None]
 
 
 def _target_paths(target: str | os.PathLike[str] | Callable[[str], Path]) -> Callable[[str], Path]:

@@ -45,6 +45,7 @@ import torch
 
 from corpus.config import TrainingConfig
 from corpus.model import GPT2_VOCAB, IGNORE_INDEX, GPTConfig, TinyGPT, lm_loss
+from corpus.packing import block_causal_mask
 
 Batch = tuple[Any, Any] | Mapping[str, Any]
 
@@ -76,11 +77,7 @@ class ModelBatch:
         """
         if self.attn_mask is not None or self.segment_ids is None:
             return self.attn_mask
-        length = self.segment_ids.shape[1]
-        column = torch.arange(length, device=self.segment_ids.device)
-        seg = torch.where(self.segment_ids >= 0, self.segment_ids, -1 - column)
-        causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril_()
-        return ((seg[:, :, None] == seg[:, None, :]) & causal).unsqueeze(1)
+        return block_causal_mask(self.segment_ids)
 
     @property
     def loss_tokens(self) -> int:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corpus.lake import Lake
+from corpus.loader import ShardLoader
 from corpus.packing import (
     IGNORE_INDEX,
     PACKED_FILES,
@@ -385,3 +386,59 @@ def test_open_packed_rejects_inconsistent_files(tmp_path) -> None:
         open_packed(tmp_path)
     with pytest.raises(ValueError, match="packed arrays missing from paths: position_ids"):
         open_packed({name: tmp_path / f"{name}.npy" for name in PACKED_FILES if name != "position_ids"})
+
+
+def _loader_batches(loader: ShardLoader) -> list[dict[str, torch.Tensor]]:
+    return [dict(batch) for batch in loader]  # type: ignore[arg-type]
+
+
+def test_shard_loader_builds_the_mask_from_segment_ids() -> None:
+    stream, starts, lens = documents([30, 2, 17, 9, 64, 1, 40, 3, 3, 12], seed=8)
+    packed = pack(stream, starts, lens, 32)
+    in_dataset = _loader_batches(ShardLoader(PackedDataset(packed, with_mask=True), 3, seed=4))
+    in_loader = _loader_batches(ShardLoader(PackedDataset(packed), 3, seed=4, device="cpu", build_mask=True))
+    assert len(in_dataset) == len(in_loader) > 1
+    for a, b in zip(in_dataset, in_loader, strict=True):
+        assert sorted(a) == sorted(b)
+        assert all(torch.equal(a[key], b[key]) for key in a)  # block fill (numpy) == block_causal_mask (torch)
+
+
+def test_shard_loader_mask_needs_segment_ids_and_cuda_needs_a_gpu() -> None:
+    from corpus.windows import SlidingWindowDataset
+
+    windows = SlidingWindowDataset(np.arange(100, dtype=np.uint16), 8, 8)
+    with pytest.raises(ValueError, match="build_mask needs packed batches with 'segment_ids'"):
+        next(iter(ShardLoader(windows, 2, build_mask=True)))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ShardLoader(windows, 2, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_shard_loader_hands_over_on_the_gpu() -> None:
+    stream, starts, lens = documents([30, 2, 17, 9, 64, 1, 40], seed=9)
+    packed = pack(stream, starts, lens, 32)
+    cpu = _loader_batches(ShardLoader(PackedDataset(packed, with_mask=True), 2, seed=1))
+    gpu = _loader_batches(ShardLoader(PackedDataset(packed), 2, seed=1, device="cuda", build_mask=True))
+    for a, b in zip(cpu, gpu, strict=True):
+        assert all(b[key].device.type == "cuda" and torch.equal(a[key], b[key].cpu()) for key in a)
+
+
+def _full_comparison_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    length = segment_ids.shape[1]
+    column = torch.arange(length)
+    seg = torch.where(segment_ids >= 0, segment_ids.long(), -1 - column)
+    return ((seg[:, :, None] == seg[:, None, :]) & torch.ones(length, length, dtype=torch.bool).tril())[:, None]
+
+
+def test_block_causal_mask_block_fill_equals_full_comparison() -> None:
+    rng = np.random.default_rng(12)
+    for trial in range(20):
+        stream, starts, lens = documents(rng.integers(1, 90, size=int(rng.integers(1, 30))).tolist(), seed=trial)
+        packed = pack(stream, starts, lens, 64)
+        segments = torch.from_numpy(np.asarray(packed.segment_ids, dtype=np.int32))
+        assert torch.equal(block_causal_mask(segments), _full_comparison_mask(segments))
+    # A piece id that comes back after another piece is not a contiguous run: the full comparison decides.
+    odd = torch.tensor([[0, 0, 1, 1, 0, -1]], dtype=torch.int32)
+    assert torch.equal(block_causal_mask(odd), _full_comparison_mask(odd))
+    assert bool(block_causal_mask(odd)[0, 0, 4, 0])  # same id, earlier position: allowed, as the comparison says

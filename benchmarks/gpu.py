@@ -1,0 +1,292 @@
+"""GPU checks and figures, in one run on a CUDA machine (the CPU-only CI never runs this).
+
+1. Loader hand-over to the GPU at batch 8, max_length 1024 and 2048 (stdlib tokens, best-fit-decreasing
+   packing): samples/s into device memory for windows, packed rows without a mask, packed rows with the
+   block-diagonal causal mask built on the GPU by the loader (`ShardLoader(device=..., build_mask=True)`)
+   and with the mask built on the CPU (`PackedDataset(with_mask=True)`, 32 MiB per batch at 2048) and
+   copied. Mask cost = 1 - (with mask / without mask); the issue's target is < 20%.
+2. Packed attention on the GPU: TinyGPT logits for a packed row with its mask and restarted positions
+   equal the logits of each document run alone (fp32, TF32 off), and agree in bf16 autocast.
+3. Gradient-similarity scan (torch.func vmap of grad) on CUDA vs the CPU, same model and samples.
+4. `benchmarks/smoke_training.py --full` (the pipeline's TrainingConfig, L 256, 200 steps, four
+   variants), written to benchmarks/results/smoke_training_cuda.json.
+
+Figures go to benchmarks/results/gpu.json (or --out-dir). Run: `python benchmarks/gpu.py [--out-dir D]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from corpus.config import TrainingConfig  # noqa: E402
+from corpus.loader import ShardLoader  # noqa: E402
+from corpus.model import GPTConfig, TinyGPT  # noqa: E402
+from corpus.packing import PackedDataset, block_causal_mask, pack  # noqa: E402
+from corpus.poison import gradient_similarity_scan  # noqa: E402
+from corpus.tokenizer import EOT_ID, get_encoding  # noqa: E402
+from corpus.windows import SlidingWindowDataset  # noqa: E402
+
+BATCH = 8
+LENGTHS = (1024, 2048)
+LOADER_SECONDS = 1.0
+ROUNDS = 3
+TOKENS = 4_000_000
+
+
+def stdlib_tokens(min_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stream, starts and lengths (without the <|endoftext|> that follows each) of stdlib .py files."""
+    enc = get_encoding()
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    texts = []
+    total = 0
+    for path in sorted(lib.rglob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text) // 3  # ~3 characters per token on Python source
+        if total >= min_tokens:
+            break
+    docs = enc.encode_ordinary_batch(texts, num_threads=8)
+    lengths = np.asarray([len(d) for d in docs], dtype=np.int64)
+    stream = np.concatenate([np.asarray([*d, EOT_ID], dtype=np.uint16) for d in docs])
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+    return stream, starts, lengths
+
+
+def rate(loader: ShardLoader, sync: Callable[[], None]) -> dict[str, float]:
+    """Samples/s through `loader` for LOADER_SECONDS, after one warm-up batch, device work included."""
+    batches = iter(loader)
+    next(batches)
+    sync()
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < LOADER_SECONDS:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        n += (batch[0] if isinstance(batch, tuple) else batch["input_ids"]).shape[0]
+    sync()
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": n / seconds, "samples": n, "seconds": seconds}
+
+
+def _warm(dev: torch.device, seconds: float = 1.0) -> None:
+    """Bring the GPU to its working clocks (it idles at a few hundred MHz) before timing anything."""
+    if dev.type != "cuda":
+        return
+    x = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            x = (x @ x).clamp_(-1, 1)
+        torch.cuda.synchronize()
+
+
+def mask_kernel_us(segment_ids: torch.Tensor, reps: int = 200) -> dict[str, float]:
+    """block_causal_mask on the device alone: host time to issue it and device time (CUDA events), in us."""
+    for _ in range(10):
+        block_causal_mask(segment_ids)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(reps):
+        block_causal_mask(segment_ids)
+    end.record()
+    host = (time.perf_counter() - t0) / reps
+    torch.cuda.synchronize()
+    return {"host_us": 1e6 * host, "device_us": 1e3 * start.elapsed_time(end) / reps}
+
+
+def loader_figures(stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, dev: torch.device) -> list[dict]:
+    """Each variant timed ROUNDS times, interleaved, on a warmed-up GPU; the median round is reported."""
+    rows = []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for length in LENGTHS:
+        packed = pack(stream, starts, lengths, length)
+        variants: list[tuple[str, ShardLoader]] = [
+            ("windows", ShardLoader(SlidingWindowDataset(stream, length, length), BATCH, seed=1, device=dev)),
+            ("packed, no mask", ShardLoader(PackedDataset(packed), BATCH, seed=1, device=dev)),
+            (
+                "packed + mask built on the device",
+                ShardLoader(PackedDataset(packed), BATCH, seed=1, device=dev, build_mask=True),
+            ),
+            (
+                "packed + mask built on the CPU",
+                ShardLoader(PackedDataset(packed, with_mask=True), BATCH, seed=1, device=dev),
+            ),
+        ]
+        _warm(dev)
+        rounds: dict[str, list[float]] = {name: [] for name, _ in variants}
+        for _ in range(ROUNDS):
+            for name, loader in variants:
+                rounds[name].append(rate(loader, sync)["samples_per_s"])
+        base = float(np.median(rounds["packed, no mask"]))
+        for name, _ in variants:
+            median = float(np.median(rounds[name]))
+            row = {"max_length": length, "variant": name, "samples_per_s": median, "rounds": rounds[name]}
+            rows.append({**row, "relative_to_packed_no_mask": median / base, "efficiency": packed.efficiency})
+        if dev.type == "cuda":
+            segments = PackedDataset(packed).__getitems__(list(range(BATCH)))["segment_ids"].to(dev)
+            kernel = mask_kernel_us(segments)
+            per_batch_us = 1e6 * BATCH / base
+            rows.append(
+                {
+                    "max_length": length,
+                    "variant": "block_causal_mask alone",
+                    **kernel,
+                    "loader_batch_us": per_batch_us,
+                    "device_share_of_loader_batch": kernel["device_us"] / per_batch_us,
+                    "host_share_of_loader_batch": kernel["host_us"] / per_batch_us,
+                }
+            )
+    return rows
+
+
+def packed_equivalence(dev: torch.device) -> dict[str, float]:
+    """Max |logits difference| between a packed row (mask + restarted positions) and its documents alone."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = GPTConfig(vocab_size=512, max_length=64, d_model=64, n_layers=2, n_heads=4, dropout=0.0)
+    model = TinyGPT(cfg, seed=3).to(dev).eval()
+    rng = np.random.default_rng(5)
+    doc_lengths = [20, 9, 31, 4]
+    docs = [rng.integers(0, 500, n) for n in doc_lengths]
+    stream = np.concatenate([np.append(d, 511) for d in docs])
+    starts = np.concatenate([[0], np.cumsum(np.asarray(doc_lengths) + 1)[:-1]])
+    rows = pack(stream, starts, np.asarray(doc_lengths), 64)
+    loader = ShardLoader(PackedDataset(rows), rows.num_rows, shuffle=False, device=dev, build_mask=True)
+    batch = next(iter(loader))
+    assert isinstance(batch, dict)
+    out: dict[str, float] = {}
+    for precision in ("fp32", "bf16"):
+        bf16 = precision == "bf16"
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else torch.autocast(dev.type, enabled=False)
+        worst = 0.0
+        with torch.no_grad(), ctx:
+            packed_logits = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"]).float()
+            seg = batch["segment_ids"].cpu().numpy()
+            ids = batch["input_ids"].cpu().numpy()
+            for r in range(seg.shape[0]):
+                for s in sorted(set(seg[r].tolist()) - {-1}):
+                    cols = np.nonzero(seg[r] == s)[0]
+                    alone = model(torch.as_tensor(ids[r, cols][None], device=dev)).float()
+                    worst = max(worst, float((alone[0] - packed_logits[r, cols]).abs().max()))
+        out[f"max_abs_diff_{precision}"] = worst
+    return out
+
+
+def scan_agreement(stream: np.ndarray, dev: torch.device) -> dict[str, Any]:
+    """The same scan on CUDA and on the CPU: per-sample cosines and flags should agree."""
+    cfg = TrainingConfig()
+    model = TinyGPT(GPTConfig.from_training(cfg, max_length=128), seed=7)
+    windows = SlidingWindowDataset(stream[:200_000], 128, 128)
+
+    def batches() -> ShardLoader:
+        return ShardLoader(windows, 8, shuffle=False)
+
+    t0 = time.perf_counter()
+    on_gpu = gradient_similarity_scan(model, batches(), max_samples=128, chunk_size=16, device=dev)
+    gpu_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    on_cpu = gradient_similarity_scan(model, batches(), max_samples=128, chunk_size=16, device="cpu")
+    cpu_s = time.perf_counter() - t0
+    a = np.asarray([s.cosine for s in on_gpu.samples])
+    b = np.asarray([s.cosine for s in on_cpu.samples])
+    return {
+        "samples": len(a),
+        "scanned_params": on_gpu.scanned_params,
+        "max_abs_cosine_diff": float(np.abs(a - b).max()),
+        "flagged_gpu": on_gpu.flagged,
+        "flagged_cpu": on_cpu.flagged,
+        "gpu_s": gpu_s,
+        "cpu_s": cpu_s,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--skip-smoke", action="store_true", help="leave out benchmarks/smoke_training.py --full")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: these checks need a GPU (CPU figures: benchmarks/packing.py, smoke_training.py)")
+        return 2
+    dev = torch.device("cuda")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "benchmark": "gpu",
+        "machine": {
+            "gpu": torch.cuda.get_device_name(dev),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        },
+    }
+    t0 = time.perf_counter()
+    stream, starts, lengths = stdlib_tokens(TOKENS)
+    report["corpus"] = {"tokens": len(stream), "documents": len(lengths), "load_s": time.perf_counter() - t0}
+    print(f"{report['machine']['gpu']}, torch {torch.__version__}; {len(stream):,} tokens in {len(lengths):,} files")
+
+    report["loader"] = loader_figures(stream, starts, lengths, dev)
+    print(f"\n| max_length | loader to {dev.type} (batch {BATCH}) | samples/s | vs packed, no mask |")
+    print("| --- | --- | ---: | ---: |")
+    for r in report["loader"]:
+        if "samples_per_s" in r:
+            rel = r["relative_to_packed_no_mask"]
+            print(f"| {r['max_length']} | {r['variant']} | {r['samples_per_s']:,.0f} | {rel:.3f} |")
+    for r in report["loader"]:
+        if "device_us" in r:
+            print(
+                f"L {r['max_length']}: block_causal_mask {r['device_us']:.1f} us on the device, {r['host_us']:.1f} us "
+                f"to issue; a loader batch without mask takes {r['loader_batch_us']:.1f} us "
+                f"({100 * r['device_share_of_loader_batch']:.1f}% / {100 * r['host_share_of_loader_batch']:.1f}%)"
+            )
+    costs = {
+        str(r["max_length"]): 1 - r["relative_to_packed_no_mask"]
+        for r in report["loader"]
+        if r["variant"] == "packed + mask built on the device"
+    }
+    report["mask_cost_on_device"] = costs
+    report["mask_cost_2048_met"] = costs["2048"] < 0.20
+    verdict = "met" if costs["2048"] < 0.2 else "NOT met"
+    print(f"mask built on the device costs {costs}; target < 20% at 2048: {verdict}")
+
+    report["packed_equivalence"] = packed_equivalence(dev)
+    print(f"packed row vs documents alone, max |logit diff|: {report['packed_equivalence']}")
+    report["scan"] = scan_agreement(stream, dev)
+    s = report["scan"]
+    print(
+        f"gradient scan {s['samples']} samples: GPU {s['gpu_s']:.2f} s vs CPU {s['cpu_s']:.2f} s, "
+        f"max |cosine diff| {s['max_abs_cosine_diff']:.2e}, flagged GPU {s['flagged_gpu']} CPU {s['flagged_cpu']}"
+    )
+    out = args.out_dir / "gpu.json"
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    if not args.skip_smoke:
+        smoke = [sys.executable, str(ROOT / "benchmarks" / "smoke_training.py"), "--full", "--out", str(args.out_dir)]
+        return subprocess.run(smoke, check=False).returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
