@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from corpus.lake import Lake, LakeError, UpstreamRef, Version, VersionWriter, read_version
+from corpus.lake import Lake, LakeError, UpstreamRef, Version, VersionWriter, read_version, remove_dead_temporaries
 from corpus.stages import StageOutput
 
 CODE_VERSION = "dataset_release/1"
@@ -106,11 +106,29 @@ def point_latest(lake: Lake, version: Version) -> None:
         "merkle_root": version.extra["merkle_root"],
         "released_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    tmp = directory / f".LATEST.{os.getpid()}.tmp"
+    remove_dead_temporaries(directory)  # a pointer file left by a writer that was killed before its rename
+    # History first, then the pointer: a kill in between leaves LATEST on the previous release, and the rerun
+    # points it again without a second history line (the last line already names this version).
+    history = directory / "history.jsonl"
+    text = history.read_text(encoding="utf-8") if history.exists() else ""
+    if _last_released(text) != version.version:
+        with open(history, "a", encoding="utf-8") as handle:
+            torn = bool(text) and not text.endswith("\n")  # a line a kill cut short stays alone on its line
+            handle.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
+    tmp = directory / f".tmp-{os.getpid()}-LATEST"
     tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, directory / "LATEST")
-    with open(directory / "history.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _last_released(history: str) -> str | None:
+    """The version on the last complete line of history.jsonl (None if none, or if that line is torn)."""
+    lines = history.splitlines()
+    if not lines or not history.endswith("\n"):
+        return None
+    try:
+        return str(json.loads(lines[-1]).get("version"))
+    except (ValueError, AttributeError):
+        return None
 
 
 def latest_release(lake_root: Path) -> Version:
