@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sysconfig
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,11 @@ from corpus.lake import (
     input_fingerprint,
 )
 from corpus.reconcile import reconcile
+from corpus.sources import source_files
 from corpus.stages import StageOutput
 from orchestration.resources import PipelineResource
 
 COUNTS_CHECK = "counts_reconcile"
-# What corpus.sources.read_python_stdlib skips; kept equal to it so the listing covers exactly what it reads.
-STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 @dataclass
@@ -46,30 +44,6 @@ class AssetOutput(StageOutput):
     """A stage's output as an asset publishes it; `reused` when the version came from an input memo."""
 
     reused: bool = False
-
-
-def source_files(spec: SourceSpec) -> list[Path]:
-    """The files the source's reader in corpus.sources reads, sorted (for fingerprints and the sensor)."""
-    if spec.kind in ("jsonl", "parquet"):
-        assert spec.path is not None, f"source {spec.name}: {spec.kind} needs a path"
-        return [spec.path]
-    if spec.kind == "text_files":
-        assert spec.path is not None, f"source {spec.name}: text_files needs a path"
-        return sorted(p for p in spec.path.glob(spec.glob) if p.is_file())
-    if spec.kind == "python_stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"]).resolve()
-        return sorted(
-            p for p in root.rglob("*.py") if not STDLIB_SKIP.intersection(p.relative_to(root).parts) and p.is_file()
-        )
-    if spec.kind == "pydoc_topics":
-        import pydoc_data.topics
-
-        return [Path(pydoc_data.topics.__file__ or "")]
-    if spec.kind == "installed_licenses":
-        from corpus.sources import license_files
-
-        return [path for _, path in license_files()]
-    raise AssertionError(f"source {spec.name}: no file listing for kind {spec.kind!r}")
 
 
 def file_stats(paths: Sequence[Path]) -> list[list[Any]]:

@@ -108,14 +108,23 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
-def read_python_stdlib(spec: SourceSpec) -> Iterator[Item]:
+STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+def stdlib_files() -> list[tuple[Path, str]]:
+    """(path, uri) of the standard library's .py files, sorted, without installed packages and caches."""
     root = stdlib_root()
-    skip = {"site-packages", "dist-packages", "__pycache__"}
+    found = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
-        if skip.intersection(rel.parts) or not path.is_file():
-            continue
-        yield _whole_file(path, rel.as_posix())
+        if not STDLIB_SKIP.intersection(rel.parts) and path.is_file():
+            found.append((path, rel.as_posix()))
+    return found
+
+
+def read_python_stdlib(spec: SourceSpec) -> Iterator[Item]:
+    for path, uri in stdlib_files():
+        yield _whole_file(path, uri)
 
 
 def read_pydoc_topics(spec: SourceSpec) -> Iterator[Item]:
@@ -249,6 +258,25 @@ READERS = {
     "jsonl": read_jsonl,
     "parquet": read_parquet,
 }
+
+
+def source_files(spec: SourceSpec) -> list[Path]:
+    """The files the source's reader reads, sorted: what input fingerprints and the refresh sensor watch."""
+    if spec.kind in ("jsonl", "parquet"):
+        assert spec.path is not None, f"source {spec.name}: {spec.kind} needs a path"
+        return [spec.path]
+    if spec.kind == "text_files":
+        assert spec.path is not None, f"source {spec.name}: text_files needs a path"
+        return [path for path, _ in _files_under(spec.path, spec.glob)]
+    if spec.kind == "python_stdlib":
+        return [path for path, _ in stdlib_files()]
+    if spec.kind == "pydoc_topics":
+        import pydoc_data.topics
+
+        return [Path(pydoc_data.topics.__file__ or "")]
+    if spec.kind == "installed_licenses":
+        return [path for _, path in license_files()]
+    raise AssertionError(f"source {spec.name}: no file listing for kind {spec.kind!r}")
 
 
 def read_source(spec: SourceSpec) -> Iterator[Item]:

@@ -42,9 +42,10 @@ from typing import Any, Protocol
 
 import dagster as dg
 
-from assets._common import build_inputs, file_stats, raw_inputs_extra, source_files
+from assets._common import build_inputs, file_stats, raw_inputs_extra
 from corpus.config import SourcesManifest, SourceSpec
 from corpus.lake import Lake, input_fingerprint
+from corpus.sources import source_files
 from corpus.stages.raw import CODE_VERSION as RAW_CODE_VERSION
 from orchestration.resources import PipelineResource
 
