@@ -20,7 +20,7 @@ LEAK_CHECK = "no_validation_document_in_training"
 
 def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     @dg.asset(
-        deps=["tokenized_documents"],
+        deps=["tokenized_documents", "repeated_spans"],
         code_version=PLAN_CODE_VERSION,
         group_name="mixing",
         kinds={"parquet"},
@@ -30,18 +30,19 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         """Per source: raw token share w_i, temperature weight p_i, target tokens, epochs; validation split."""
         manifest = pipeline.manifest()
         tokenized = [upstream_version(context, pipeline, "tokenized_documents", n) for n in manifest.source_names]
+        spans = upstream_version(context, pipeline, "repeated_spans")
         output = reuse_or_build(
             context,
             pipeline,
             "mixture_plan",
             PLAN_CODE_VERSION,
-            tokenized,
-            lambda writer: build_mixture_plan(tokenized, manifest, writer),
+            [*tokenized, spans],
+            lambda writer: build_mixture_plan(tokenized, spans, manifest, writer),
         )
-        return publish(context, pipeline, output, upstream=tokenized)
+        return publish(context, pipeline, output, upstream=[*tokenized, spans])
 
     @dg.asset(
-        deps=["mixture_plan", "tokenized_documents"],
+        deps=["mixture_plan", "tokenized_documents", "repeated_spans"],
         code_version=MIXED_CODE_VERSION,
         group_name="mixing",
         kinds={"numpy"},
@@ -65,13 +66,14 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         manifest = pipeline.manifest()
         plan = upstream_version(context, pipeline, "mixture_plan")
         tokenized = [upstream_version(context, pipeline, "tokenized_documents", n) for n in manifest.source_names]
+        spans = upstream_version(context, pipeline, "repeated_spans")
         output = reuse_or_build(
             context,
             pipeline,
             "mixed_tokens",
             MIXED_CODE_VERSION,
-            [plan, *tokenized],
-            lambda writer: build_mixed_tokens(plan, tokenized, manifest, writer),
+            [plan, *tokenized, spans],
+            lambda writer: build_mixed_tokens(plan, tokenized, spans, manifest, writer),
             memo_tables=["mixture"],
         )
         png = output.version.file("shares.png").read_bytes()

@@ -1268,14 +1268,21 @@ def _packed_dir(rel: _Release, split: str) -> Path:
     return packed.path / str(meta.get("dir", split))
 
 
+def _piece_offset(stream_index: Path) -> str:
+    """SQL for a stream index row's token offset in its document (0 in indexes written before remove_span)."""
+    return '"offset"' if "offset" in pq.read_schema(stream_index).names else '0 AS "offset"'
+
+
 def _split_docs_by_index(rel: _Release, split: str, indexes: Sequence[int]) -> dict[int, dict[str, Any]]:
-    """Rows of the mixed stream index for a split's documents, by their index in stream order."""
+    """Rows of the mixed stream index for a split's document pieces, by their index in stream order."""
     mixed = rel.one("mixed_tokens")
+    index = mixed.path / "stream_index.parquet"
     rows = _query(
         "SELECT * FROM (SELECT split, stream_start, length, source, doc_id, epoch, uri, position, "
-        "row_number() OVER (ORDER BY stream_start) - 1 AS doc_index FROM read_parquet(?) WHERE split = ?) "
+        f"{_piece_offset(index)}, row_number() OVER (ORDER BY stream_start) - 1 AS doc_index "
+        "FROM read_parquet(?) WHERE split = ?) "
         "WHERE list_contains(?, doc_index)",
-        [str(mixed.path / "stream_index.parquet"), split, [int(i) for i in indexes]],
+        [str(index), split, [int(i) for i in indexes]],
     )
     return {int(r["doc_index"]): r for r in rows}
 
@@ -1316,14 +1323,18 @@ def trace_sample(lake_root: Path, shard: str, index: int) -> dict[str, Any]:
     start = int(info["stream_start"]) + index * stride
     end = start + length + 1  # the input and its shifted target
     mixed = rel.one("mixed_tokens")
+    stream_index = mixed.path / "stream_index.parquet"
+    # One entry per document piece: a window across a cut of remove_span lists both pieces of the document,
+    # each with its own token offsets.
     docs = _query(
-        "SELECT source, doc_id, epoch, uri, position, stream_start, length FROM read_parquet(?) "
-        "WHERE split = ? AND stream_start < ? AND stream_start + length > ? ORDER BY stream_start",
-        [str(mixed.path / "stream_index.parquet"), info["split"], end, start],
+        f"SELECT source, doc_id, epoch, uri, position, stream_start, length, {_piece_offset(stream_index)} "
+        "FROM read_parquet(?) WHERE split = ? AND stream_start < ? AND stream_start + length > ? ORDER BY stream_start",
+        [str(stream_index), info["split"], end, start],
     )
     for d in docs:
         lo, hi = max(start, d["stream_start"]), min(end, d["stream_start"] + d["length"])
-        d["token_offsets"] = [lo - d["stream_start"], hi - d["stream_start"]]
+        offset = int(d.pop("offset"))
+        d["token_offsets"] = [offset + lo - d["stream_start"], offset + hi - d["stream_start"]]
         d["sample_offsets"] = [lo - start, hi - start]
     _describe(rel, docs)
     return {
@@ -1356,6 +1367,7 @@ def _trace_packed(rel: _Release, split: str, row: int) -> dict[str, Any]:
         table["piece_start"], table["piece_length"], table["piece_doc"], table["piece_doc_offset"], strict=True
     ):
         entry = dict(by_index[doc])
+        offset += int(entry.pop("offset"))  # the piece's place in the stream index row, plus the row's in the document
         entry["token_offsets"] = [offset, offset + length]
         entry["sample_offsets"] = [start, start + length]
         docs.append(entry)
@@ -1415,6 +1427,8 @@ def quality_filter_for(rel: _Release, source: str) -> Any:
                 secret_min_entropy=float(settings["secret_min_entropy"]),
                 lid_languages=tuple(settings["lid_candidates"]) if settings.get("lid_candidates") else None,
                 lid_sample_chars=int(settings.get("lid_sample_chars") or FilterConfig.lid_sample_chars),
+                lid_fast_sample_chars=settings.get("lid_fast_sample_chars"),  # absent: written before the fast look
+                lid_decisive_confidence=float(settings.get("lid_decisive_confidence", 0.95)),
             )
             rebuilt = QualityFilter(profile, cfg, languages=tuple(settings.get("languages") or ("en",)))
             if _comparable(rebuilt.settings()) != _comparable(settings):
@@ -1463,11 +1477,12 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
     if not raw:
         raise LakeError(f"doc_id {doc_id} is in no raw_documents version of release {rel.release.version[:12]}")
     mixed = rel.one("mixed_tokens")
+    index = mixed.path / "stream_index.parquet"
     placements = _query(
-        "SELECT * FROM (SELECT split, epoch, stream_start, length, "
+        f"SELECT * FROM (SELECT split, epoch, stream_start, length, {_piece_offset(index)}, "
         "row_number() OVER (PARTITION BY split ORDER BY stream_start) - 1 AS doc_index, doc_id FROM read_parquet(?)) "
         "WHERE doc_id = ? ORDER BY split, stream_start",
-        [str(mixed.path / "stream_index.parquet"), doc_id],
+        [str(index), doc_id],
     )
     windows = rel.one("training_windows")
     length, stride = int(windows.extra["max_length"]), int(windows.extra["stride"])
@@ -1497,7 +1512,8 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
         piece_rows = np.load(base / "piece_row.npy", mmap_mode="r")
         offsets = np.load(base / "piece_doc_offset.npy", mmap_mode="r")
         p["packed_rows"] = [
-            {"shard": f"packed:{split}", "row": int(piece_rows[i]), "token_offset": int(offsets[i])} for i in pieces
+            {"shard": f"packed:{split}", "row": int(piece_rows[i]), "token_offset": p["offset"] + int(offsets[i])}
+            for i in pieces
         ]
     records = []
     for row in (s for s in stages if s["asset"] == "raw_documents" and s["file"] == "documents.parquet"):
@@ -1516,7 +1532,9 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
             }
         )
     if placements:
-        fate = f"trained on: {len(placements)} placements in the mixed stream"
+        # A document cut by remove_span has several pieces (stream index rows) per placement.
+        placed = len({(p["split"], p["epoch"]) for p in placements})
+        fate = f"trained on: {placed} placements in the mixed stream"
     elif all(r["fate"] != "kept" for r in records):
         fate = records[0]["fate"]
     else:
@@ -1561,7 +1579,7 @@ def trace_file(lake_root: Path, path: str) -> dict[str, Any]:
     stages = _stage_rows(rel, sorted({r["doc_id"] for r in records}))
     mixed = rel.one("mixed_tokens")
     placed = _query(
-        "SELECT doc_id, split, count(*) AS placements, sum(length) AS tokens FROM read_parquet(?) "
+        "SELECT doc_id, split, count(DISTINCT epoch) AS placements, sum(length) AS tokens FROM read_parquet(?) "
         "WHERE list_contains(?, doc_id) GROUP BY doc_id, split ORDER BY doc_id, split",
         [str(mixed.path / "stream_index.parquet"), [r["doc_id"] for r in records]],
     )

@@ -1,9 +1,19 @@
 """mixture_plan and mixed_tokens: the per-source token plan, then the interleaved training stream.
 
-The validation split is taken by document in `mixture_plan` (before any mixing), stored in
-split.parquet, and `mixed_tokens` re-derives the same plan from the same inputs (asserting equality),
-realizes it with corpus.mixing and gathers the token stream from each source's tokens.bin. The stream
-index (stream_index.parquet) maps every stream position back to (source, doc_id, epoch, offset).
+Both read the documents through repeated_spans' policy (corpus.stages.spans.span_policy_view): under
+`drop` a flagged document is absent (from the plan's token counts, the validation split and both
+streams), under `remove_span` its shared ranges are, so the plan counts exactly the tokens the stream can
+hold and realized shares still match it. The validation split is taken by document in `mixture_plan`
+(before any mixing), stored in split.parquet, and `mixed_tokens` re-derives the same plan from the same
+inputs (asserting equality), realizes it with corpus.mixing and gathers the token stream from each
+source's tokens.bin.
+
+The stream index (stream_index.parquet) has one row per contiguous piece of a tokenized document in the
+stream: stream_start and length in the split's stream, `offset` where the piece starts in the tokenized
+document (its tokens plus <|endoftext|>), and source, doc_id, row, epoch, uri, position. A document is
+one piece (offset 0) unless remove_span cut it: then each stretch between cuts is its own row, so stream
+position x maps to document token offset + (x - stream_start) exactly, and a window straddling a cut
+traces to two pieces of one document with their own offsets.
 """
 
 from __future__ import annotations
@@ -29,9 +39,10 @@ from corpus.mixing import (
 )
 from corpus.stages import StageOutput
 from corpus.stages.io import ParquetSink, read_tokens, write_rows
+from corpus.stages.spans import SpanView, span_policy_view
 
-PLAN_CODE_VERSION = "mixture_plan/1"
-MIXED_CODE_VERSION = "mixed_tokens/1"
+PLAN_CODE_VERSION = "mixture_plan/2"  # 2: documents under repeated_spans' span_policy
+MIXED_CODE_VERSION = "mixed_tokens/2"  # 2: span_policy applied; stream index rows are pieces with `offset`
 SHARE_TOLERANCE_PP = 0.5
 
 SPLIT_SCHEMA = pa.schema(
@@ -48,21 +59,39 @@ STREAM_SCHEMA = pa.schema(
         ("epoch", pa.int64()),
         ("uri", pa.string()),
         ("position", pa.int64()),
+        ("offset", pa.int64()),  # where the piece starts in the tokenized document
     ]
 )
 
 
-def _sources(tokenized: Sequence[Version], manifest: SourcesManifest) -> tuple[list[SourceInput], dict[str, pa.Table]]:
+def _check_spans(spans: Version, tokenized: Sequence[Version]) -> None:
+    """repeated_spans must have been made from exactly these tokenized versions (its rows index theirs)."""
+    made_from = {(u.asset, u.partition, u.version) for u in spans.upstream if u.asset == "tokenized_documents"}
+    given = {(v.asset, v.partition, v.version) for v in tokenized}
+    if made_from != given:
+        raise ValueError(
+            f"repeated_spans {spans.version[:12]} was made from tokenized versions "
+            f"{sorted(m[1] + ' ' + m[2][:12] for m in made_from)}, not {sorted(g[1] + ' ' + g[2][:12] for g in given)}"
+        )
+
+
+def _sources(
+    tokenized: Sequence[Version], spans: Version, manifest: SourcesManifest
+) -> tuple[list[SourceInput], dict[str, pa.Table], dict[str, SpanView]]:
+    """Each source's documents as the span policy leaves them; SourceInput index i is tokenized row views[i].rows[i]."""
+    _check_spans(spans, tokenized)
     inputs = []
     indexes = {}
+    views = {}
     for version in tokenized:
         index = pq.read_table(version.file("index.parquet"), columns=["doc_id", "length", "uri", "position"])
         indexes[version.partition] = index
+        view = span_policy_view(spans, version.partition, index.column("length").to_numpy())
+        views[version.partition] = view
+        doc_ids = index.column("doc_id").to_pylist()
         spec = manifest.source(version.partition)
-        inputs.append(
-            SourceInput.from_spec(spec, index.column("length").to_numpy(), index.column("doc_id").to_pylist())
-        )
-    return inputs, indexes
+        inputs.append(SourceInput.from_spec(spec, view.lengths, [doc_ids[r] for r in view.rows.tolist()]))
+    return inputs, indexes, views
 
 
 def _plan(sources: list[SourceInput], manifest: SourcesManifest) -> tuple[list[SourceInput], MixturePlan]:
@@ -72,26 +101,33 @@ def _plan(sources: list[SourceInput], manifest: SourcesManifest) -> tuple[list[S
     return split, plan
 
 
-def build_mixture_plan(tokenized: Sequence[Version], manifest: SourcesManifest, writer: VersionWriter) -> StageOutput:
-    sources, _ = _sources(tokenized, manifest)
+def build_mixture_plan(
+    tokenized: Sequence[Version], spans: Version, manifest: SourcesManifest, writer: VersionWriter
+) -> StageOutput:
+    sources, indexes, views = _sources(tokenized, spans, manifest)
     split, plan = _plan(sources, manifest)
     rows = plan.to_rows()
     split_rows = [
-        {"source": s.name, "row": i, "doc_id": doc_id, "validation": bool(s.validation[i])}  # type: ignore[index]
+        {"source": s.name, "row": row, "doc_id": doc_id, "validation": bool(s.validation[i])}  # type: ignore[index]
         for s in split
-        for i, doc_id in enumerate(s.doc_ids)
+        for i, (row, doc_id) in enumerate(zip(views[s.name].rows.tolist(), s.doc_ids, strict=True))
     ]
     write_rows(writer.path("split.parquet"), split_rows, SPLIT_SCHEMA)
     write_rows(writer.path("plan.parquet"), rows, pa.Table.from_pylist(rows).schema)
+    n_in = sum(len(index) for index in indexes.values())
     n_docs = len(split_rows)
     n_val = sum(r["validation"] for r in split_rows)
     counts = {
-        "in": n_docs,
+        "in": n_in,
         "out": n_docs,
-        "dropped": {},
+        "dropped": {"repeated_span": n_in - n_docs} if n_in > n_docs else {},
         "train_documents": n_docs - n_val,
         "validation_documents": n_val,
         "plan_tokens": plan.total_tokens,
+        "removed_span_tokens": int(
+            sum(int(index.column("length").to_numpy()[views[name].rows].sum()) for name, index in indexes.items())
+            - sum(int(s.lengths.sum()) for s in split)
+        ),
     }
     cfg = manifest.pipeline
     version = writer.commit(
@@ -102,9 +138,10 @@ def build_mixture_plan(tokenized: Sequence[Version], manifest: SourcesManifest, 
             "max_epochs": cfg.max_epochs,
             "validation_fraction": cfg.validation_fraction,
             "seed": cfg.seed,
+            "span_policy": cfg.dedup.span_policy,
             "sources": [manifest.source(v.partition).to_dict() for v in tokenized],
         },
-        upstream=[v.ref() for v in tokenized],
+        upstream=[v.ref() for v in tokenized] + [spans.ref()],
         counts=counts,
         extra={"out_file": "split.parquet", "notes": list(plan.notes)},
     )
@@ -130,16 +167,15 @@ def _gather(
     sources: list[SourceInput],
     tokenized: dict[str, Version],
     indexes: dict[str, pa.Table],
+    views: dict[str, SpanView],
     path: object,
     split: str,
     sink: ParquetSink,
 ) -> int:
-    """Write the layout's tokens to `path` in stream order and its rows to the stream index."""
+    """Write the layout's tokens to `path` in stream order and one stream index row per document piece."""
     tokens = {name: read_tokens(tokenized[name].file("tokens.bin")) for name in layout.source_names}
-    starts = {
-        name: indexes[name].column("length").to_numpy().cumsum() - indexes[name].column("length").to_numpy()
-        for name in layout.source_names
-    }
+    stored = {name: indexes[name].column("length").to_numpy() for name in layout.source_names}
+    starts = {name: stored[name].cumsum() - stored[name] for name in layout.source_names}
     by_name = {s.name: s for s in sources}
     written = 0
     with open(path, "wb") as out:  # type: ignore[call-overload]
@@ -152,24 +188,32 @@ def _gather(
             strict=True,
         ):
             name = layout.source_names[src]
-            begin = int(starts[name][doc])
-            piece = tokens[name][begin : begin + length]
-            assert len(piece) == length, f"{name} doc {doc}: {len(piece)} tokens, index says {length}"
-            out.write(np.ascontiguousarray(piece, dtype="<u2").tobytes())
+            row = int(views[name].rows[doc])
+            begin = int(starts[name][row])
             index = indexes[name]
-            sink.add(
-                {
-                    "split": split,
-                    "stream_start": start,
-                    "length": length,
-                    "source": name,
-                    "doc_id": by_name[name].doc_ids[doc],
-                    "row": doc,
-                    "epoch": epoch,
-                    "uri": index.column("uri")[doc].as_py(),
-                    "position": index.column("position")[doc].as_py(),
-                }
-            )
+            at = start
+            for offset, piece_length in views[name].pieces(row, int(stored[name][row])):
+                piece = tokens[name][begin + offset : begin + offset + piece_length]
+                assert len(piece) == piece_length, (
+                    f"{name} row {row}: {len(piece)} tokens at {offset}, want {piece_length}"
+                )
+                out.write(np.ascontiguousarray(piece, dtype="<u2").tobytes())
+                sink.add(
+                    {
+                        "split": split,
+                        "stream_start": at,
+                        "length": piece_length,
+                        "source": name,
+                        "doc_id": by_name[name].doc_ids[doc],
+                        "row": row,
+                        "epoch": epoch,
+                        "uri": index.column("uri")[row].as_py(),
+                        "position": index.column("position")[row].as_py(),
+                        "offset": offset,
+                    }
+                )
+                at += piece_length
+            assert at - start == length, f"{name} row {row}: pieces hold {at - start} tokens, the layout says {length}"
             written += length
     return written
 
@@ -201,9 +245,13 @@ def share_chart_png(rows: list[dict[str, object]]) -> bytes:
 
 
 def build_mixed_tokens(
-    plan_version: Version, tokenized: Sequence[Version], manifest: SourcesManifest, writer: VersionWriter
+    plan_version: Version,
+    tokenized: Sequence[Version],
+    spans: Version,
+    manifest: SourcesManifest,
+    writer: VersionWriter,
 ) -> StageOutput:
-    sources, indexes = _sources(tokenized, manifest)
+    sources, indexes, views = _sources(tokenized, spans, manifest)
     split, plan = _plan(sources, manifest)
     stored = pq.read_table(plan_version.file("plan.parquet"), columns=["source", "target_tokens"]).to_pylist()
     assert [(r["source"], r["target_tokens"]) for r in stored] == [(r.source, r.target_tokens) for r in plan.rows], (
@@ -218,8 +266,10 @@ def build_mixed_tokens(
     validation = layout_validation(split, cfg.seed)
     by_name = {v.partition: v for v in tokenized}
     with ParquetSink(writer.path("stream_index.parquet"), STREAM_SCHEMA) as sink:
-        train_tokens = _gather(train, split, by_name, indexes, writer.path("train.bin"), "train", sink)
-        val_tokens = _gather(validation, split, by_name, indexes, writer.path("validation.bin"), "validation", sink)
+        train_tokens = _gather(train, split, by_name, indexes, views, writer.path("train.bin"), "train", sink)
+        val_tokens = _gather(
+            validation, split, by_name, indexes, views, writer.path("validation.bin"), "validation", sink
+        )
     train_ids = set(train.doc_ids(split))
     val_ids = set(validation.doc_ids(split))
     leaked = sorted(train_ids & val_ids)
@@ -252,8 +302,8 @@ def build_mixed_tokens(
         handle.write(chart)
     version = writer.commit(
         code_version=MIXED_CODE_VERSION,
-        config={"seed": cfg.seed},
-        upstream=[plan_version.ref(), *(v.ref() for v in tokenized)],
+        config={"seed": cfg.seed, "span_policy": cfg.dedup.span_policy},
+        upstream=[plan_version.ref(), *(v.ref() for v in tokenized), spans.ref()],
         counts=counts,
         extra={
             "dtype": "uint16",
@@ -261,6 +311,7 @@ def build_mixed_tokens(
             "splits": {"train": "train.bin", "validation": "validation.bin"},
             "worst_share_error_pp": worst_pp,
             "validation_leaks": len(leaked),
+            "span_policy": spans.extra["span_policy"],
             "mixture": rows,
             "interleaving": interleaving,
         },

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,7 @@ from corpus.lake import Version, VersionWriter
 from corpus.spans import find_repeated_spans
 from corpus.stages import StageOutput
 from corpus.stages.dedup import SPAN_FIELDS
-from corpus.stages.io import read_tokens, write_rows
+from corpus.stages.io import write_rows
 
 SPANS_CODE_VERSION = "repeated_spans/1"
 SPAN_SCHEMA = pa.schema(
@@ -48,35 +49,86 @@ SPAN_DOCUMENT_SCHEMA = pa.schema(
 )
 
 
-def _document_tokens(
-    tokenized: Sequence[Version], manifest: SourcesManifest
-) -> tuple[list[np.ndarray], list[tuple[str, int, str]]]:
-    """Every document's tokens without its trailing <|endoftext|>, sources by priority, rows in order."""
-    arrays: list[np.ndarray] = []
-    meta: list[tuple[str, int, str]] = []
-    for version in sorted(tokenized, key=lambda v: manifest.source(v.partition).priority):
-        index = pq.read_table(version.file("index.parquet"), columns=["doc_id", "start", "length"])
-        tokens = read_tokens(version.file("tokens.bin"))
-        starts = index.column("start").to_numpy()
-        lengths = index.column("length").to_numpy()
-        for row, (doc_id, start, length) in enumerate(
-            zip(index.column("doc_id").to_pylist(), starts.tolist(), lengths.tolist(), strict=True)
-        ):
-            arrays.append(tokens[start : start + length - 1])
-            meta.append((version.partition, row, doc_id))
-    return arrays, meta
+class TokenizedDocuments:
+    """Every document's tokens without its trailing <|endoftext|>, sources by priority, rows in order.
+
+    A `corpus.spans.TokenDocuments` over the tokenized versions' tokens.bin files: `read` seeks and reads
+    just the documents asked for (no memory map, whose touched pages would count as resident), so the span
+    pass never holds the corpus.
+    """
+
+    def __init__(self, tokenized: Sequence[Version], manifest: SourcesManifest) -> None:
+        self.parts: list[tuple[Path, np.ndarray, np.ndarray]] = []  # tokens.bin, starts, lengths (EOT included)
+        self.meta: list[tuple[str, list[str]]] = []  # source, doc_ids by row
+        first = [0]
+        for version in sorted(tokenized, key=lambda v: manifest.source(v.partition).priority):
+            index = pq.read_table(version.file("index.parquet"), columns=["doc_id", "start", "length"])
+            starts = index.column("start").to_numpy().astype(np.int64)
+            lengths = index.column("length").to_numpy().astype(np.int64)
+            path = version.file("tokens.bin")
+            where = f"{version.asset}[{version.partition}] {version.version[:12]}"
+            if len(lengths):
+                expected = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+                bad = np.flatnonzero((starts != expected) | (lengths < 1))
+                if bad.size:
+                    row = int(bad[0])
+                    raise ValueError(
+                        f"{where} index.parquet row {row}: start {int(starts[row])}, length {int(lengths[row])}; "
+                        f"documents must follow each other from 0 with >= 1 token (their <|endoftext|>)"
+                    )
+            size = path.stat().st_size
+            if size != 2 * int(lengths.sum()):
+                raise ValueError(f"{where} {path}: {size} bytes, index.parquet covers {int(lengths.sum())} tokens")
+            self.parts.append((path, starts, lengths))
+            self.meta.append((version.partition, index.column("doc_id").to_pylist()))
+            first.append(first[-1] + len(lengths))
+        self.first = np.array(first, dtype=np.int64)  # global index of each source's first document
+        self._lengths = (
+            np.concatenate([lengths - 1 for _, _, lengths in self.parts]) if self.parts else np.zeros(0, np.int64)
+        )
+
+    def __len__(self) -> int:
+        return int(self.first[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def document(self, d: int) -> tuple[str, int, str]:
+        """(source, tokenized row, doc_id) of the d-th document."""
+        part = int(np.searchsorted(self.first, d, side="right") - 1)
+        source, doc_ids = self.meta[part]
+        row = d - int(self.first[part])
+        return source, row, doc_ids[row]
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        pieces = []
+        part = int(np.searchsorted(self.first, first, side="right") - 1)
+        while first < stop:
+            path, starts, lengths = self.parts[part]
+            a = first - int(self.first[part])
+            b = min(stop, int(self.first[part + 1])) - int(self.first[part])
+            if b > a:
+                lo, hi = int(starts[a]), int(starts[b - 1] + lengths[b - 1])
+                tokens = np.fromfile(path, dtype="<u2", count=hi - lo, offset=2 * lo)
+                pieces.append(np.delete(tokens, starts[a:b] + lengths[a:b] - 1 - lo))  # the <|endoftext|> tokens
+            first = int(self.first[part]) + b
+            part += 1
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint16)
 
 
 def build_repeated_spans(tokenized: Sequence[Version], manifest: SourcesManifest, writer: VersionWriter) -> StageOutput:
     """Spans of >= span_length tokens that a document shares with an earlier one, across all sources."""
     cfg = manifest.pipeline.dedup
-    arrays, meta = _document_tokens(tokenized, manifest)
-    hits = find_repeated_spans(arrays, cfg.span_length)
+    documents = TokenizedDocuments(tokenized, manifest)
+    hits = find_repeated_spans(documents, cfg.span_length)
     span_rows = []
     covered: dict[int, np.ndarray] = {}
     for h in hits:
-        source, row, doc_id = meta[h.doc]
-        earlier_source, earlier_row, earlier_doc_id = meta[h.source_doc]
+        source, row, doc_id = documents.document(h.doc)
+        earlier_source, earlier_row, earlier_doc_id = documents.document(h.source_doc)
         span_rows.append(
             {
                 "source": source,
@@ -90,11 +142,11 @@ def build_repeated_spans(tokenized: Sequence[Version], manifest: SourcesManifest
                 "earlier_start": h.source_start,
             }
         )
-        mask = covered.setdefault(h.doc, np.zeros(len(arrays[h.doc]), dtype=bool))
+        mask = covered.setdefault(h.doc, np.zeros(int(documents.lengths[h.doc]), dtype=bool))
         mask[h.start : h.start + h.length] = True
     doc_rows = []
     for d, mask in sorted(covered.items()):
-        source, row, doc_id = meta[d]
+        source, row, doc_id = documents.document(d)
         span_tokens = int(mask.sum())
         # Nothing would be left of a fully covered document: removing its spans is dropping it.
         action = "drop" if cfg.span_policy == "remove_span" and span_tokens == len(mask) else cfg.span_policy
@@ -110,7 +162,7 @@ def build_repeated_spans(tokenized: Sequence[Version], manifest: SourcesManifest
         )
     write_rows(writer.path("spans.parquet"), span_rows, SPAN_SCHEMA)
     write_rows(writer.path("documents.parquet"), doc_rows, SPAN_DOCUMENT_SCHEMA)
-    n_tokens = int(sum(len(a) for a in arrays))
+    n_tokens = int(documents.lengths.sum())
     span_tokens = sum(r["span_tokens"] for r in doc_rows)
     per_source = []
     for version in sorted(tokenized, key=lambda v: manifest.source(v.partition).priority):
@@ -126,7 +178,7 @@ def build_repeated_spans(tokenized: Sequence[Version], manifest: SourcesManifest
             }
         )
     counts = {
-        "documents": len(arrays),
+        "documents": len(documents),
         "tokens": n_tokens,
         "spans": len(span_rows),
         "flagged_documents": len(doc_rows),
@@ -180,15 +232,27 @@ class SpanView:
     lengths: np.ndarray  # their lengths after removal, <|endoftext|> included
     cuts: dict[int, list[tuple[int, int]]]  # row -> (start, length) ranges removed (remove_span only)
 
-    def tokens(self, row: int, document: np.ndarray) -> np.ndarray:
-        """The row's tokens (as stored, EOT included) without its removed ranges."""
+    def pieces(self, row: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) of the stretches of the row's `length` stored tokens that stay, in order."""
         ranges = self.cuts.get(row)
         if not ranges:
+            return [(0, length)]
+        out: list[tuple[int, int]] = []
+        at = 0
+        for start, cut in sorted(ranges):  # overlapping cuts (spans shared with different documents) merge
+            if start > at:
+                out.append((at, start - at))
+            at = max(at, start + cut)
+        if at < length:
+            out.append((at, length - at))
+        return out
+
+    def tokens(self, row: int, document: np.ndarray) -> np.ndarray:
+        """The row's tokens (as stored, EOT included) without its removed ranges."""
+        pieces = self.pieces(row, len(document))
+        if len(pieces) == 1 and pieces[0] == (0, len(document)):
             return document
-        keep = np.ones(len(document), dtype=bool)
-        for start, length in ranges:
-            keep[start : start + length] = False
-        return document[keep]
+        return np.concatenate([document[a : a + n] for a, n in pieces])
 
 
 def span_policy_view(spans: Version, source: str, lengths: np.ndarray) -> SpanView:
@@ -205,8 +269,15 @@ def span_policy_view(spans: Version, source: str, lengths: np.ndarray) -> SpanVi
     if policy == "remove_span":
         trimmed = {int(r["row"]): int(r["span_tokens"]) for r in docs if r["action"] == "remove_span"}
         for r in pq.read_table(spans.file("spans.parquet"), filters=[("source", "=", source)]).to_pylist():
-            if int(r["row"]) in trimmed:
-                cuts.setdefault(int(r["row"]), []).append((int(r["start"]), int(r["length"])))
+            row, start, length = int(r["row"]), int(r["start"]), int(r["length"])
+            if not 0 <= row < len(lengths) or start < 0 or length < 1 or start + length > lengths[row] - 1:
+                raise ValueError(
+                    f"{spans.file('spans.parquet')}: source {source!r} row {row} span [{start}, {start + length}) "
+                    f"is outside the document ({int(lengths[row]) - 1 if 0 <= row < len(lengths) else 'no'} tokens "
+                    f"before its <|endoftext|>)"
+                )
+            if row in trimmed:
+                cuts.setdefault(row, []).append((start, length))
         for row, removed in trimmed.items():
             new_lengths[row] -= removed
     keep = np.setdiff1d(rows, np.fromiter(drop, dtype=np.int64, count=len(drop)))
