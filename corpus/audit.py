@@ -1537,6 +1537,18 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
         fate = f"trained on: {placed} placements in the mixed stream"
     elif all(r["fate"] != "kept" for r in records):
         fate = records[0]["fate"]
+    elif span := next(
+        (
+            s
+            for s in stages
+            if s["asset"] == "repeated_spans" and s["file"] == "documents.parquet" and s.get("action") == "drop"
+        ),
+        None,
+    ):
+        fate = (
+            f"dropped by repeated_spans: {span.get('span_tokens')} of its {span.get('tokens')} tokens repeat an "
+            "earlier document (dedup.span_policy drop)"
+        )
     else:
         fate = "kept, but not placed in the mixed stream"
     return {

@@ -170,7 +170,8 @@ def test_verify_and_trace_pass_under_every_policy(lakes: dict[str, Path]) -> Non
             assert mine[0]["token_offsets"][1] < mine[1]["token_offsets"][0] == cut["offset"]
         fate = audit.trace_document(lake, row["doc_id"])
         if policy == "drop":
-            assert fate["placements"] == [] and fate["fate"] == "kept, but not placed in the mixed stream"
+            assert fate["placements"] == [] and fate["fate"].startswith("dropped by repeated_spans: ")
+            assert fate["fate"].endswith("tokens repeat an earlier document (dedup.span_policy drop)")
         else:
             assert (
                 fate["fate"]
