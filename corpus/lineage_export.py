@@ -316,8 +316,10 @@ def croissant(lake_root: Path, release: Version | None = None) -> dict[str, Any]
         "@type": "cr:RecordSet",
         "@id": "documents",
         "name": "documents",
-        "description": "One record per document placement in the training stream (a document repeated across "
-        "epochs appears once per epoch); stream_start and length are token positions in the split's stream.",
+        "description": "One record per contiguous piece of a document placed in the training stream: a "
+        "document repeated across epochs appears once per epoch, and one whose repeated spans were removed "
+        "(dedup.span_policy remove_span) once per remaining piece; stream_start and length are token positions "
+        "in the split's stream, offset the piece's first token within the tokenized document.",
         "key": [{"@id": "documents/split"}, {"@id": "documents/stream_start"}],
         "field": [
             _field(
