@@ -108,6 +108,10 @@ class FilterConfig:
     secret_min_entropy: float = 3.5
     lid_languages: tuple[str, ...] | None = None
     lid_sample_chars: int = 400
+    # Language ID first reads a sample this short (None: off) and keeps its answer when the accepted
+    # languages' confidence is >= lid_decisive_confidence or <= 1 - it (corpus.filters.language).
+    lid_fast_sample_chars: int | None = 200
+    lid_decisive_confidence: float = 0.95
     max_drop_fraction: float = 0.5
     # Perplexity filter (corpus.stages.perplexity). Only sources whose profile is listed are scored: a
     # prose n-gram model gives code a high perplexity whatever its quality, so code is not scored.
@@ -177,6 +181,12 @@ class FilterConfig:
             raise ValueError(f"filters.lid_sample_chars must be an integer, got {self.lid_sample_chars!r}")
         if self.lid_sample_chars < 50:
             raise ValueError(f"filters.lid_sample_chars must be >= 50, got {self.lid_sample_chars!r}")
+        fast = self.lid_fast_sample_chars
+        if fast is not None and (isinstance(fast, bool) or not isinstance(fast, int) or fast < 50):
+            raise ValueError(f"filters.lid_fast_sample_chars must be an integer >= 50 or null, got {fast!r}")
+        decisive = self.lid_decisive_confidence
+        if isinstance(decisive, bool) or not isinstance(decisive, (int, float)) or not 0.5 < decisive <= 1.0:
+            raise ValueError(f"filters.lid_decisive_confidence must be in (0.5, 1], got {decisive!r}")
         if not 0.0 <= self.max_drop_fraction <= 1.0:
             raise ValueError(f"filters.max_drop_fraction must be in [0, 1], got {self.max_drop_fraction!r}")
 

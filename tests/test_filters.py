@@ -320,6 +320,8 @@ def test_filter_config_validation_names_field_and_value() -> None:
         ({"pii": {"email": "shred"}}, r"filters\.pii\.email must be one of \['redact', 'drop', 'keep'\], got 'shred'"),
         ({"pii": {"passport": "drop"}}, r"filters\.pii: unknown kind 'passport'"),
         ({"lid_languages": ["english"]}, r"filters\.lid_languages must be ISO 639-1 codes"),
+        ({"lid_fast_sample_chars": 10}, r"filters\.lid_fast_sample_chars must be an integer >= 50 or null, got 10"),
+        ({"lid_decisive_confidence": 0.5}, r"filters\.lid_decisive_confidence must be in \(0\.5, 1\], got 0\.5"),
         ({"max_mean_word_length": 0}, r"filters\.max_mean_word_length must be > 0, got 0"),
         ({"min_stop_words": True}, r"filters\.min_stop_words must be a number, got True"),
     ]
@@ -368,6 +370,43 @@ def test_normalization_records_what_changed() -> None:
     assert set(fixed.changes) | set(controls.changes) <= set(NORMALIZATION_CODES)
 
 
+def test_ftfy_prefilter_never_skips_a_change() -> None:
+    """normalize skips ftfy's per-line pass only where that pass would change nothing."""
+    from corpus.filters.normalize import _fix_lines, _may_need_ftfy
+
+    rng = np.random.default_rng(0)
+    pool = list("ab .\n") + list("’“”—–…éüßÃÂŒœ©°±×²\x85\x9d\u206b\ufeff\ufffdВГРСβ€āЂ√≈‚Ä") + ["e\u0301"]
+    texts = ["".join(rng.choice(pool, size=int(rng.integers(1, 40)))) for _ in range(5000)]
+    texts += ["The café’s menu".encode().decode("cp1252"), "“Quoted” — text’s fine", "Â foo", "x\ud800y"]
+    for text in texts:
+        if not _may_need_ftfy(text):
+            assert _fix_lines(text) == (text, []), repr(text)
+    assert not _may_need_ftfy("“Quoted” — text’s fine, naïve café")
+    assert _may_need_ftfy("The café’s menu".encode().decode("cp1252"))
+
+
+def test_alpha_words_counts_unicode_letters() -> None:
+    doc = Doc("über — “ 123 naïve Ωmega ½ ok")  # words: über, —, “, 123, naïve, Ωmega, ½, ok
+    rule = next(r for r in build_rules(PROFILE_DEFAULTS["prose"]) if r.name == "alpha_words")
+    rule.check(doc)
+    assert doc.features["alpha_word_fraction"] == 5 / 8  # ½ is \w but not \d: a "letter" to [^\W\d_]
+
+
+def test_repeated_ngram_positions_match_a_stable_sort() -> None:
+    from corpus.filters.rules import _member, _repeats
+
+    rng = np.random.default_rng(1)
+    for size in (1, 2, 50, 3000):
+        keys = rng.integers(0, 40, size).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        perm = np.argsort(keys, kind="stable")
+        ordered = keys[perm]
+        expected = np.sort(perm[1:][ordered[1:] == ordered[:-1]])
+        assert np.array_equal(np.sort(_repeats(keys)), expected)
+        values = np.unique(keys[: max(1, size // 3)])
+        assert np.array_equal(_member(keys, values), np.isin(keys, values))
+    assert _repeats(np.arange(10, dtype=np.uint64)).size == 0
+
+
 # --- language ----------------------------------------------------------------------------------
 
 
@@ -383,6 +422,51 @@ def test_language_identification() -> None:
     identifier = LanguageIdentifier(["en"])
     assert "en" in identifier.candidates and len(identifier.candidates) == 20
     assert identifier.identify("12345 67890 !!!").language is None
+
+
+def test_language_fast_look_and_escalation() -> None:
+    """A decisive answer on the 200-character sample stands; an undecided one is read again on 400."""
+    fast = LanguageIdentifier(["en"])
+    full = LanguageIdentifier(["en"], fast_chars=None)
+    assert (fast.fast_chars, full.fast_chars) == (200, None)
+    assert fast.identify(PROSE).accepted >= 0.95 and full.identify(PROSE).accepted >= 0.95
+    assert fast.identify(GERMAN).language == full.identify(GERMAN).language == "de"
+    # Start and middle of the fast sample in German, the full sample's extra text in English: the fast
+    # look is sure it is not English, and it stands.
+    half = 100
+    mixed = GERMAN[:half] + " " + PROSE[: 2 * half] + GERMAN[:half] + " " + PROSE
+    guess = fast.identify(mixed)
+    assert guess == fast.identify_batch([mixed])[0]
+    # No letters in the fast sample says nothing: read again on the full one.
+    digits_first = "1234 5678 " * 12 + PROSE
+    assert fast.identify(digits_first) == full.identify(digits_first)
+    # With the threshold at 1.0 a fast answer stands only when it is certain; every other one is the full one.
+    never_sure = LanguageIdentifier(["en"], decisive=1.0)
+    texts = [PROSE, GERMAN, mixed, digits_first, "short text", GERMAN[:150] + " " + PROSE]
+    for text, got in zip(texts, never_sure.identify_batch(texts), strict=True):
+        assert got == never_sure.identify(text)
+        if got.accepted not in (0.0, 1.0):
+            assert got == full.identify(text)
+    assert fast.identify_batch(texts) == [fast.identify(t) for t in texts]
+    with pytest.raises(ValueError, match=r"lid_decisive_confidence must be in \(0.5, 1\], got 0.4"):
+        LanguageIdentifier(["en"], decisive=0.4)
+
+
+def test_language_fast_look_leaves_out_non_ascii_languages_for_ascii_samples() -> None:
+    identifier = LanguageIdentifier(["en"])
+    polish = "Zażółć gęślą jaźń, powiedział stary rybak i wrócił do łodzi, bo wiatr się wzmagał. " * 6
+    assert identifier.identify(polish).language == "pl"  # a non-ASCII sample: every candidate
+    assert identifier.identify_batch([polish, PROSE])[0].language == "pl"
+    assert "pl" in LanguageIdentifier(["pl"]).candidates
+
+
+def test_language_fast_look_keeps_decisions_on_mixed_lengths() -> None:
+    # Not 50/50 mixtures: there the verdict depends on which characters a sample holds, and a 200- and a
+    # 400-character sample may disagree (both are then a guess; a mixed document is what escalation cannot fix).
+    docs = [PROSE, GERMAN, PROSE * 3 + " " + GERMAN[:120], GERMAN * 3 + " " + PROSE[:120], PROSE[:180], GERMAN * 3]
+    fast, full = QualityFilter("prose"), QualityFilter("prose", FilterConfig(lid_fast_sample_chars=None))
+    for a, b in zip(fast.apply_batch(docs), full.apply_batch(docs), strict=True):
+        assert (a.kept, a.reason, a.language) == (b.kept, b.reason, b.language)
 
 
 def test_language_sample_is_bounded() -> None:
@@ -448,6 +532,9 @@ def test_settings_describe_the_filter() -> None:
     assert settings["profile"] == "legal"
     assert settings["thresholds"]["max_dup_line_fraction"] == 0.6
     assert settings["languages"] == ["en", "de"] and settings["lid_sample_chars"] == 400
+    assert (settings["lid_fast_sample_chars"], settings["lid_decisive_confidence"]) == (200, 0.95)
+    # Without the fast look the keys are absent, as in manifests written before it existed.
+    assert "lid_fast_sample_chars" not in QualityFilter("legal", FilterConfig(lid_fast_sample_chars=None)).settings()
     assert settings["pii_policy"]["email"] == "redact" and settings["pii_policy"]["github_token"] == "drop"
     assert set(settings["libraries"]) == {"ftfy", "lingua-language-detector", "phonenumbers", "numpy"}
     assert QualityFilter("code").settings()["languages"] is None

@@ -182,6 +182,7 @@ _GENERIC = re.compile(
 )
 
 
+_GH_PREFIX = re.compile(rb"gh[pousr]_")
 _GENERIC_KEYWORDS = (b"key", b"secret", b"token", b"password", b"passwd", b"pwd")
 _NAME_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
 _LOCAL_CHARS = _NAME_CHARS + b"%+"
@@ -252,9 +253,10 @@ class PiiScanner:
         view = text.encode("ascii", "replace")  # one byte per character: byte offsets = char offsets
         found: list[tuple[str, int, int]] = []
         found += self._private_keys(text)
-        found += self._aws(text, view)
+        lowered = view.lower()
+        found += self._aws(text, view, lowered)
         found += self._tokens(text, view)
-        found += self._generic(text, view)
+        found += self._generic(text, view, lowered)
         digits = view.translate(_DIGIT_MAP)
         quads = _anchors(digits, (b"0000",), 4)  # every card and every formatted national phone has 4 digits in a row
         found += self._cards(text, quads)
@@ -300,13 +302,12 @@ class PiiScanner:
             pos = text.find("-----BEGIN ", nxt)
         return out
 
-    def _aws(self, text: str, view: bytes) -> list[tuple[str, int, int]]:
+    def _aws(self, text: str, view: bytes, lowered: bytes) -> list[tuple[str, int, int]]:
         out = []
         for pos in _anchors(view, (b"AKIA", b"ASIA")):
             m = _AWS_ACCESS.match(text, pos)
             if m and "EXAMPLE" not in m.group():
                 out.append(("aws_access_key", m.start(), m.end()))
-        lowered = view.lower()
         for m in _search(_AWS_SECRET, text, _windows(_anchors(lowered, (b"aws",)), 0, 80, len(text)), 60):
             value = m.group(1)
             if "EXAMPLE" not in value and shannon_entropy(value) >= self.secret_min_entropy:
@@ -315,8 +316,9 @@ class PiiScanner:
 
     def _tokens(self, text: str, view: bytes) -> list[tuple[str, int, int]]:
         out = []
-        # one scan for "gh" and a byte check, rather than five scans for ghp_ gho_ ghu_ ghs_ ghr_
-        anchors = [p for p in _anchors(view, (b"gh",)) if view[p + 2 : p + 4] in (b"p_", b"o_", b"u_", b"s_", b"r_")]
+        # one C-level scan (the regex engine searches its literal prefix "gh"), rather than five scans for
+        # ghp_ gho_ ghu_ ghs_ ghr_ or a Python check of every "gh" ("right", "though")
+        anchors = [m.start() for m in _GH_PREFIX.finditer(view)]
         for pos in anchors + _anchors(view, (b"github_pat_",)):
             m = _GITHUB.match(text, pos)
             if m and shannon_entropy(m.group(1) or m.group(2)) >= 3.0:
@@ -327,9 +329,8 @@ class PiiScanner:
                 out.append(("slack_token", m.start(), m.end()))
         return out
 
-    def _generic(self, text: str, view: bytes) -> list[tuple[str, int, int]]:
+    def _generic(self, text: str, view: bytes, lowered: bytes) -> list[tuple[str, int, int]]:
         out = []
-        lowered = view.lower()
         n = len(view)
         starts = set()
         for keyword in _GENERIC_KEYWORDS:

@@ -16,9 +16,13 @@ limit, 1 = far from all), times the language confidence when the language was id
 Dropped documents have quality 0. A dropped document's `text` is the normalized text, not scanned
 for PII unless it was dropped by the PII stage itself (then its secret and PII spans are replaced).
 
-Measured (benchmarks/filters.py, CPU time on a shared 2-core machine): code ~30 MB/s per core (half of
-it PII scanning), prose and legal ~6 MB/s per core, of which lingua takes 27-40% (~0.27 ms per
-document whatever its length: a bounded sample), so short documents cost the most per byte.
+Measured (benchmarks/filters.py, CPU time on the 2-core machine while other jobs kept its load average
+near 6; the old code run right before under the same load): with `apply_batch`, the pipeline's path,
+prose 6.3 -> 10.3 MB/s per core and legal 5.9 -> 9.1, code ~29 (PII scanning is most of it); one
+document at a time (`apply`) prose 9.5 and legal 7.5, because lingua's models fall out of the CPU
+caches between documents. Language ID (~0.13 ms per document warm, a fast 200-character look), PII,
+the n-gram rules and the shared word split are most of what is left; short documents cost the most
+per byte.
 """
 
 from __future__ import annotations
@@ -124,7 +128,13 @@ class QualityFilter:
         self.rules: list[Rule] = build_rules(self.thresholds)
         self.identifier: LanguageIdentifier | None = None
         if self.thresholds.min_language_confidence is not None:
-            self.identifier = LanguageIdentifier(languages, self.config.lid_languages, self.config.lid_sample_chars)
+            self.identifier = LanguageIdentifier(
+                languages,
+                self.config.lid_languages,
+                self.config.lid_sample_chars,
+                self.config.lid_fast_sample_chars,
+                self.config.lid_decisive_confidence,
+            )
             at = next((i for i, r in enumerate(self.rules) if isinstance(r, StopWords)), len(self.rules))
             self.rules.insert(at, LanguageRule(self.identifier, self.thresholds.min_language_confidence))
         self.pii = PiiScanner(
@@ -149,6 +159,15 @@ class QualityFilter:
             "languages": list(self.identifier.accepted) if self.identifier else None,
             "lid_candidates": list(self.identifier.candidates) if self.identifier else None,
             "lid_sample_chars": self.identifier.sample_chars if self.identifier else None,
+            # Recorded only when the fast look is on, so that manifests written before it still rebuild.
+            **(
+                {
+                    "lid_fast_sample_chars": self.identifier.fast_chars,
+                    "lid_decisive_confidence": self.identifier.decisive,
+                }
+                if self.identifier is not None and self.identifier.fast_chars is not None
+                else {}
+            ),
             "pii_policy": dict(sorted(self.pii.policy.items())),
             "phone_region": self.pii.phone_region,
             "secret_min_entropy": self.pii.secret_min_entropy,
