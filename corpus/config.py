@@ -38,7 +38,43 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
-class FilterConfig:
+class Thresholds:
+    """The quality rules' thresholds (corpus.filters.rules documents each rule).
+
+    In a resolved profile (corpus.filters.rules.resolve_thresholds) None disables the rule; at the top level
+    of `FilterConfig`, which extends this class, None means "the profile's default".
+    """
+
+    min_chars: int | None = None
+    max_chars: int | None = None
+    min_words: int | None = None
+    max_words: int | None = None
+    max_line_length: int | None = None
+    min_stop_words: int | None = None
+    max_mean_line_length: float | None = None
+    min_mean_word_length: float | None = None
+    max_mean_word_length: float | None = None
+    max_symbol_word_ratio: float | None = None
+    max_ellipsis_line_fraction: float | None = None
+    max_bullet_line_fraction: float | None = None
+    min_alpha_word_fraction: float | None = None
+    max_dup_line_fraction: float | None = None
+    max_dup_line_char_fraction: float | None = None
+    max_dup_para_fraction: float | None = None
+    max_dup_para_char_fraction: float | None = None
+    min_alnum_fraction: float | None = None
+    max_encoded_data_fraction: float | None = None
+    max_control_fraction: float | None = None
+    min_language_confidence: float | None = None
+    max_top_ngram_char_fraction: dict[int, float] | None = None
+    max_dup_ngram_char_fraction: dict[int, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Thresholds)}
+
+
+@dataclass(frozen=True)
+class FilterConfig(Thresholds):
     """Quality-filter settings (`pipeline.filters`); corpus.filters.rules documents every rule.
 
     A threshold left at None takes the source profile's default (`PROFILE_DEFAULTS` in
@@ -48,7 +84,7 @@ class FilterConfig:
     detector kind (or the groups "pii" / "secrets") to redact | drop | keep.
     """
 
-    # Threshold names; corpus.filters.rules.Thresholds has exactly these fields.
+    # Threshold names by the validation they get; together exactly the fields of `Thresholds`.
     COUNT_THRESHOLDS = ("min_chars", "max_chars", "min_words", "max_words", "max_line_length", "min_stop_words")
     POSITIVE_THRESHOLDS = ("max_mean_line_length", "min_mean_word_length", "max_mean_word_length")
     RATIO_THRESHOLDS = ("max_symbol_word_ratio",)
@@ -79,29 +115,6 @@ class FilterConfig:
     PII_GROUPS = ("pii", "secrets")
     PII_ACTIONS = ("redact", "drop", "keep")
 
-    min_chars: int | None = None
-    max_chars: int | None = None
-    min_words: int | None = None
-    max_words: int | None = None
-    max_line_length: int | None = None
-    min_stop_words: int | None = None
-    max_mean_line_length: float | None = None
-    min_mean_word_length: float | None = None
-    max_mean_word_length: float | None = None
-    max_symbol_word_ratio: float | None = None
-    max_ellipsis_line_fraction: float | None = None
-    max_bullet_line_fraction: float | None = None
-    min_alpha_word_fraction: float | None = None
-    max_dup_line_fraction: float | None = None
-    max_dup_line_char_fraction: float | None = None
-    max_dup_para_fraction: float | None = None
-    max_dup_para_char_fraction: float | None = None
-    min_alnum_fraction: float | None = None
-    max_encoded_data_fraction: float | None = None
-    max_control_fraction: float | None = None
-    min_language_confidence: float | None = None
-    max_top_ngram_char_fraction: dict[int, float] | None = None
-    max_dup_ngram_char_fraction: dict[int, float] | None = None
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     pii: dict[str, str] = field(default_factory=dict)
     phone_region: str | None = "US"
@@ -248,6 +261,9 @@ class FilterConfig:
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{where}.{name} must be in [0, 1], got {value!r}")
         return float(value)
+
+
+assert set(FilterConfig.THRESHOLDS) == {f.name for f in dataclasses.fields(Thresholds)}, "groups != Thresholds"
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from corpus.config import FilterConfig
+from corpus.config import FilterConfig, Thresholds
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 BULLETS = ("-", "*", "•", "·", "‣", "◦", "▪", "●", "○", "–")
@@ -129,42 +129,6 @@ _LOW16 = np.uint64(0xFFFF)
 _STOP_TABLE = np.zeros(1 << 16, dtype=bool)
 _STOP_TABLE[_STOP_HASHES & _LOW16] = True
 
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Resolved thresholds of one profile; None disables the rule. Field names = FilterConfig.THRESHOLDS."""
-
-    min_chars: int | None = None
-    max_chars: int | None = None
-    min_words: int | None = None
-    max_words: int | None = None
-    max_line_length: int | None = None
-    min_stop_words: int | None = None
-    max_mean_line_length: float | None = None
-    min_mean_word_length: float | None = None
-    max_mean_word_length: float | None = None
-    max_symbol_word_ratio: float | None = None
-    max_ellipsis_line_fraction: float | None = None
-    max_bullet_line_fraction: float | None = None
-    min_alpha_word_fraction: float | None = None
-    max_dup_line_fraction: float | None = None
-    max_dup_line_char_fraction: float | None = None
-    max_dup_para_fraction: float | None = None
-    max_dup_para_char_fraction: float | None = None
-    min_alnum_fraction: float | None = None
-    max_encoded_data_fraction: float | None = None
-    max_control_fraction: float | None = None
-    min_language_confidence: float | None = None
-    max_top_ngram_char_fraction: dict[int, float] | None = None
-    max_dup_ngram_char_fraction: dict[int, float] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-assert tuple(f.name for f in dataclasses.fields(Thresholds)) == FilterConfig.THRESHOLDS, (
-    f"Thresholds fields {[f.name for f in dataclasses.fields(Thresholds)]} != FilterConfig.THRESHOLDS"
-)
 
 _GOPHER_TOP = {2: 0.20, 3: 0.18, 4: 0.16}
 _GOPHER_DUP = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
