@@ -37,6 +37,9 @@ class ManifestError(ValueError):
     """The sources manifest is invalid; the message names the file, the field and the value."""
 
 
+PERPLEXITY_CUTOFFS = ("mean_std", "median_mad")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """The quality rules' thresholds (corpus.filters.rules documents each rule).
@@ -133,6 +136,10 @@ class FilterConfig(Thresholds):
     perplexity_reference: tuple[str, ...] | None = None
     perplexity_order: int = 3
     perplexity_n_std: float = 3.0  # drop above mean + n_std * std of the source's log-perplexities
+    # "mean_std" (the default, as specified): mean + n_std * std. "median_mad": median + n_std * 1.4826 * MAD,
+    # a robust spread that a few extreme documents cannot inflate (mean + 3 std can never drop anything among
+    # fewer than 11 documents, and outliers mask each other); no drop when MAD is 0.
+    perplexity_cutoff: str = "mean_std"
     # Cross-fitting: each document is scored by a model trained without its fold (corpus.stages.perplexity
     # says why: in-sample scores reward memorised text).
     perplexity_folds: int = 2
@@ -221,6 +228,10 @@ class FilterConfig(Thresholds):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"filters.{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if self.perplexity_cutoff not in PERPLEXITY_CUTOFFS:
+            raise ValueError(
+                f"filters.perplexity_cutoff must be one of {list(PERPLEXITY_CUTOFFS)}, got {self.perplexity_cutoff!r}"
+            )
         n_std = self.perplexity_n_std
         if isinstance(n_std, bool) or not isinstance(n_std, (int, float)) or not 0 < n_std < float("inf"):
             raise ValueError(f"filters.perplexity_n_std must be a number > 0, got {n_std!r}")

@@ -295,6 +295,7 @@ def test_reference_and_scored_sources_follow_config() -> None:
         ("perplexity_order", 5, r"perplexity_order must be an integer in \[1, 4\], got 5"),
         ("perplexity_n_std", 0, "perplexity_n_std must be a number > 0, got 0"),
         ("perplexity_profiles", [""], "perplexity_profiles must be a list of names"),
+        ("perplexity_cutoff", "mean", r"perplexity_cutoff must be one of \['mean_std', 'median_mad'\], got 'mean'"),
     ],
 )
 def test_config_rejects_bad_perplexity_settings(field: str, value: object, message: str) -> None:
@@ -316,6 +317,34 @@ def test_small_source_warns_that_nothing_can_be_dropped(tmp_path: Path) -> None:
     with lake.writer("filtered_documents", "few") as writer, pytest.warns(UserWarning, match="10 scored documents"):
         version = build_filtered_documents(heuristic, reference, spec, cfg, writer).version
     assert version.counts["dropped"] == {}  # the garbage document's z is at most sqrt(9) = 3
+
+
+def test_median_mad_cutoff_drops_what_mean_std_cannot(tmp_path: Path) -> None:
+    # Three outliers among twenty inflate the std: mean + 3 std keeps them, median + 3 MAD does not.
+    rng = np.random.default_rng(3)
+    scores = [*rng.normal(5.0, 0.2, 20).tolist(), 6.5, 6.5, 6.5]
+    assert perplexity_cutoff(scores, 3.0) > 6.5 > perplexity_cutoff(scores, 3.0, "median_mad")
+    assert perplexity_cutoff([4.0] * 5 + [9.0], 3.0, "median_mad") == math.inf  # MAD 0: no spread, no drop
+    with pytest.raises(ValueError, match="'mean_std' or 'median_mad'"):
+        perplexity_cutoff(scores, 3.0, "iqr")
+    # The 10-document source of the test above: the garbage document goes, and the rule is recorded.
+    lake = Lake(tmp_path / "lake")
+    spec = SourceSpec("few", "pydoc_topics", "prose")
+    cfg = dataclasses.replace(rules_off(), perplexity_cutoff="median_mad")
+    manifest = make_manifest(cfg, (spec,))
+    raw = raw_version(lake, "few", [*LONG_TOPICS[:9], garbage()])
+    with lake.writer("heuristic_documents", "few") as writer:
+        heuristic = build_heuristic_documents(raw, spec, cfg, writer).version
+    with lake.writer("reference_model") as writer:
+        reference = build_reference_model([heuristic], manifest, writer).version
+    with lake.writer("filtered_documents", "few") as writer:
+        output = build_filtered_documents(heuristic, reference, spec, cfg, writer)
+    assert output.version.counts["dropped"] == {"perplexity_too_high": 1}
+    assert output.version.manifest["config"]["cutoff"] == "median_mad"
+    assert output.version.extra["perplexity"]["rule"] == "median_mad"
+    decisions = rows(output.version, "decisions.parquet")
+    assert [d["reason"] for d in decisions if not d["kept"]] == ["perplexity_too_high"]
+    assert decisions[9]["kept"] is False  # the garbage document, last
 
 
 def test_no_reference_documents_turns_the_filter_off(tmp_path: Path) -> None:

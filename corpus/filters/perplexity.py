@@ -310,13 +310,26 @@ def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def perplexity_cutoff(log_ppls: Sequence[float] | np.ndarray, n_std: float = 3.0) -> float:
-    """mean + n_std * std (population) of a source's finite log-perplexities; inf when there are none."""
+MAD_TO_STD = 1.4826  # 1 / Phi^-1(3/4): MAD * this estimates the standard deviation of normal data
+
+
+def perplexity_cutoff(log_ppls: Sequence[float] | np.ndarray, n_std: float = 3.0, rule: str = "mean_std") -> float:
+    """The drop threshold over a source's finite log-perplexities; inf when there are none.
+
+    "mean_std": mean + n_std * std (population). "median_mad": median + n_std * 1.4826 * median absolute
+    deviation, inf when the MAD is 0 (more than half the scores equal: no spread to judge by).
+    """
     values = np.asarray(log_ppls, dtype=np.float64)
     values = values[np.isfinite(values)]
     if not len(values):
         return math.inf
-    return float(values.mean() + n_std * values.std())
+    if rule == "mean_std":
+        return float(values.mean() + n_std * values.std())
+    if rule == "median_mad":
+        median = float(np.median(values))
+        mad = float(np.median(np.abs(values - median)))
+        return median + n_std * MAD_TO_STD * mad if mad > 0 else math.inf
+    raise ValueError(f"perplexity cut-off rule must be 'mean_std' or 'median_mad', got {rule!r}")
 
 
 def flag_perplexity(

@@ -8,7 +8,8 @@ and the versions of the libraries that decide, so a changed default changes the 
 
 filtered_documents: the heuristic-kept documents of a scored source (profile in
 `filters.perplexity_profiles`) get a log-perplexity under the cross-fitted reference model
-(corpus.stages.perplexity); those above the source's mean + n_std * std are dropped with
+(corpus.stages.perplexity); those above the source's cut-off (mean + n_std * std, or with
+`filters.perplexity_cutoff: median_mad` median + n_std * 1.4826 * MAD) are dropped with
 `perplexity_too_high`, their value and the cut-off in the decision's features. Its decisions.parquet
 holds every document of the source, heuristic drops copied over (column `stage` says which step
 decided), so it alone answers "why was this document dropped". Kept rows pass through unchanged.
@@ -315,11 +316,15 @@ def build_filtered_documents(
     log_ppl, n_tokens = _score(heuristic, models)
     finite = log_ppl[np.isfinite(log_ppl)]
     n_scored = len(finite)
-    cutoff = perplexity_cutoff(finite, cfg.perplexity_n_std)
+    rule = cfg.perplexity_cutoff
+    cutoff = perplexity_cutoff(finite, cfg.perplexity_n_std, rule)
     mean = float(finite.mean()) if n_scored else None
     std = float(finite.std()) if n_scored else None
     notes: list[str] = []
-    if scored and n_scored < min_documents_for_a_drop(cfg.perplexity_n_std):
+    if scored and rule == "median_mad" and n_scored and not math.isfinite(cutoff):
+        notes.append(f"{spec.name}: the median absolute deviation of the log-perplexities is 0, so none is dropped")
+        warnings.warn(notes[-1], stacklevel=2)
+    if scored and rule == "mean_std" and n_scored < min_documents_for_a_drop(cfg.perplexity_n_std):
         notes.append(
             f"{spec.name}: {n_scored} scored documents; a document exceeds mean + {cfg.perplexity_n_std:g} std "
             f"only among >= {min_documents_for_a_drop(cfg.perplexity_n_std)} (z <= sqrt(n - 1)), so none is dropped"
@@ -349,8 +354,12 @@ def build_filtered_documents(
     upstream = [heuristic.ref()]
     if scored and reference is not None:
         config["n_std"] = cfg.perplexity_n_std
+        if rule != "mean_std":  # versions made under the default keep their ids
+            config["cutoff"] = rule
         upstream.append(reference.ref())
     perplexity = {"mean": mean, "std": std, "cutoff": finite_cutoff, "n_std": cfg.perplexity_n_std} if scored else None
+    if perplexity is not None and rule != "mean_std":
+        perplexity["rule"] = rule
     version = writer.commit(
         code_version=CODE_VERSION,
         config=config,
@@ -386,6 +395,7 @@ def build_filtered_documents(
                 "std": std,
                 "cutoff": cutoff,
                 "n_std": cfg.perplexity_n_std,
+                "rule": rule,
                 "dropped": n_in - n_out,
                 "p50": float(np.percentile(finite, 50)),
                 "p99": float(np.percentile(finite, 99)),

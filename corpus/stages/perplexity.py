@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from corpus.config import FilterConfig, SourcesManifest
+from corpus.config import SourcesManifest
 from corpus.filters.perplexity import GPT2_EOT, GPT2_VOCAB, NGramLM
 from corpus.lake import Version, VersionWriter
 from corpus.stages import StageOutput
@@ -218,13 +218,3 @@ def histogram_png(values: np.ndarray, cutoff: float, title: str) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
-
-
-def perplexity_settings(cfg: FilterConfig) -> dict[str, object]:
-    """The settings that decide the perplexity step's output (for filtered_documents' manifest config)."""
-    return {
-        "profiles": list(cfg.perplexity_profiles),
-        "n_std": cfg.perplexity_n_std,
-        "order": cfg.perplexity_order,
-        "folds": cfg.perplexity_folds,
-    }
