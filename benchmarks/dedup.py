@@ -11,10 +11,12 @@ files of the installed distributions. Measured:
 2. Accuracy equivalence: on candidate pairs of either method plus random pairs, the mean |J_est - J|
    against the exact shingle-set Jaccard for both, the mean |J_ours - J_datasketch|, and the overlap of
    the LSH candidate sets; plus bit-identity with datasketch fed our `shingle_hash`.
-3. LSH: `find_duplicates` (banding, confirmation, clusters) against datasketch `MinHashLSH` insert +
-   query of LeanMinHash objects on the same 100k signatures (the corpus plus synthetic rows with
-   planted near duplicates), time and memory per million documents, extrapolated from measured
-   tracemalloc bytes per document; and an incremental run of 10k new documents against a 100k index.
+3. LSH: `find_duplicates` (banding, confirmation, clusters; star clusters, the default, and transitive)
+   against datasketch `MinHashLSH` insert + query of LeanMinHash objects on the same 100k signatures (the
+   corpus plus synthetic rows with planted near duplicates), time and memory per million documents,
+   extrapolated from measured tracemalloc bytes per document; and an incremental run of 10k new
+   documents against a 90k index (it reruns the clustering with the stored pair similarities).
+   Exact confirmation on the corpus itself (shingle sets in memory): pairs compared and time per mode.
 4. The repeated-span pass (n = 128) over the corpus's GPT-2 tokens: tokens/s and peak bytes per token.
 
 Run: .venv/bin/python benchmarks/dedup.py [--lsh-docs N]   (~1.5 minutes on 2 cores)
@@ -44,6 +46,7 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 from corpus import dedup as dd
 from corpus import minhash as mh
 from corpus.config import DedupConfig
+from corpus.spans import find_repeated_spans
 
 RESULTS = Path(__file__).resolve().parent / "results" / "dedup.json"
 LICENSE_NAME = re.compile(r"^(licen[cs]e|copying|notice)", re.IGNORECASE)
@@ -183,6 +186,10 @@ def main() -> None:
     ids = [f"d{i:07d}" for i in range(n_lsh)]
     zeros, zint = np.zeros(n_lsh), np.zeros(n_lsh, dtype=np.int64)
     t_find, peak_find, result = traced(lambda: dd.find_duplicates(["s"] * n_lsh, ids, keys, big, zeros, zint, cfg))
+    cfg_transitive = DedupConfig(cluster="transitive")
+    t_trans, peak_trans, result_trans = traced(
+        lambda: dd.find_duplicates(["s"] * n_lsh, ids, keys, big, zeros, zint, cfg_transitive)
+    )
 
     def ds_lsh() -> tuple[MinHashLSH, int]:
         lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows))
@@ -209,7 +216,6 @@ def main() -> None:
         t_save, _ = best_of(1, lambda: dd.save_index(tmp, cols, big[:n_old], cfg))
         index_bytes = sum(f.stat().st_size for f in Path(tmp).iterdir())
         index = dd.load_index(tmp)
-        index.band_table()
         t_inc, inc = best_of(
             1,
             lambda: dd.find_duplicates_incremental(
@@ -218,12 +224,36 @@ def main() -> None:
         )
     assert np.array_equal(inc.kept, result.kept), "incremental result differs from the full run"
 
+    # 3b. Exact confirmation on the corpus, star against transitive (sets held in memory: the loader's cost
+    # is the pipeline's spill, not measured here).
+    corpus_keys = hasher.keys_and_signatures(texts)[0]
+    corpus_sets = hasher.shingle_sets(texts)
+    n_docs = len(texts)
+    exact_modes = {}
+    for mode_cfg in (cfg, cfg_transitive):
+        checker = dd.ExactJaccard(lambda idx: [corpus_sets[i] for i in idx.tolist()])
+        t_mode, peak_mode, r_mode = traced(
+            lambda mode_cfg=mode_cfg, checker=checker: dd.find_duplicates(
+                ["s"] * n_docs, [f"d{i:05d}" for i in range(n_docs)], corpus_keys, sig, np.zeros(n_docs),
+                np.zeros(n_docs, dtype=np.int64), mode_cfg, checker,
+            )
+        )  # fmt: skip
+        exact_modes[mode_cfg.cluster] = {
+            "seconds": round(t_mode, 3),
+            "pairs_compared": checker.pairs + 0,
+            "shingles_compared": checker.shingles,
+            "confirmed_pairs": r_mode.confirmed_pairs,
+            "clusters": r_mode.clusters.num_rows,
+            "removed": int((~r_mode.kept).sum()),
+            "peak_traced_mb": round(peak_mode / 1e6, 1),
+        }
+
     # 4. Repeated 128-token spans over the corpus's GPT-2 tokens.
     from corpus.tokenizer import get_encoding
 
     tokens = [np.array(t, dtype=np.uint16) for t in get_encoding().encode_ordinary_batch(texts)]
     n_tokens = sum(len(t) for t in tokens)
-    t_spans, peak_spans, hits = traced(lambda: dd.find_repeated_spans(tokens, cfg.span_length))
+    t_spans, peak_spans, hits = traced(lambda: find_repeated_spans(tokens, cfg.span_length))
 
     per_million = 1e6 / n_lsh
     report = {
@@ -277,13 +307,22 @@ def main() -> None:
             "signatures_gb_per_million_uint64": round(cfg.num_perm * 8 * 1e6 / 1e9, 3),
             "clusters": result.clusters.num_rows,
             "confirmed_pairs": result.confirmed_pairs,
+            "candidate_pairs_examined": result.candidate_pairs,
+            "transitive_s": round(t_trans, 3),
+            "transitive_s_per_million": round(t_trans * per_million, 1),
+            "transitive_peak_gb_per_million": round(peak_trans * per_million / 1e9, 2),
+            "transitive_clusters": result_trans.clusters.num_rows,
+            "transitive_candidate_pairs_examined": result_trans.candidate_pairs,
         },
+        "exact_on_corpus": exact_modes,
         "incremental": {
             "stored": n_old,
             "new": n_lsh - n_old,
             "save_index_s": round(t_save, 3),
             "index_bytes_per_doc": round(index_bytes / n_old),
             "incremental_s": round(t_inc, 3),
+            "pairs_computed": inc.computed_pairs,
+            "pairs_stored": len(index.pairs),
             "full_s": round(t_find, 3),
             "equal_to_full": True,
         },
@@ -354,9 +393,18 @@ def _print(r: dict) -> None:
     print(f"{'datasketch MinHashLSH insert+query (held)':42} {lsh['datasketch_insert_query_s']:9.2f} "
           f"{lsh['datasketch_s_per_million']:10.1f} {lsh['datasketch_index_bytes_per_doc']:10} "
           f"{lsh['datasketch_index_gb_per_million']:11.2f}")  # fmt: skip
-    print(f"speedup {lsh['speedup']}x; {lsh['clusters']} clusters, {lsh['confirmed_pairs']} confirmed pairs")
+    print(f"{'find_duplicates, cluster: transitive':42} {lsh['transitive_s']:9.2f} "
+          f"{lsh['transitive_s_per_million']:10.1f} {'':10} {lsh['transitive_peak_gb_per_million']:11.2f}")  # fmt: skip
+    print(f"speedup {lsh['speedup']}x; star: {lsh['clusters']} clusters, {lsh['confirmed_pairs']} confirmed of "
+          f"{lsh['candidate_pairs_examined']} pairs examined (transitive: {lsh['transitive_clusters']} clusters, "
+          f"{lsh['transitive_candidate_pairs_examined']} examined)")  # fmt: skip
     print(f"incremental: {inc['new']:,} new vs {inc['stored']:,} stored in {inc['incremental_s']} s "
-          f"(full run {inc['full_s']} s), same result")  # fmt: skip
+          f"(full run {inc['full_s']} s), same result; {inc['pairs_computed']:,} pair similarities computed, "
+          f"{inc['pairs_stored']:,} stored")  # fmt: skip
+    for mode, e in r["exact_on_corpus"].items():
+        print(f"exact confirmation on the corpus, {mode}: {e['pairs_compared']:,} pairs "
+              f"({e['shingles_compared']:,} shingles) in {e['seconds']} s, {e['clusters']} clusters, "
+              f"{e['removed']} removed, peak traced {e['peak_traced_mb']} MB")  # fmt: skip
     print(f"index on disk: {inc['index_bytes_per_doc']} bytes/doc, saved in {inc['save_index_s']} s")
     sp = r["spans"]
     print(f"spans (n={sp['n']}): {sp['tokens']:,} tokens in {sp['seconds']} s ({sp['mtokens_per_s']} M tokens/s, "

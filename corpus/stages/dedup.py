@@ -5,19 +5,27 @@ Signatures are computed per source (in parallel partitions); clusters need every
 by its rows of the cluster decisions. Exact duplicates (same normalized text) and near-duplicates
 (MinHash LSH, see corpus.minhash) are decided together; which copy is kept, and why, is recorded.
 
-Confirmation (DedupConfig.confirm): "exact" re-reads the texts of the documents that share a band key
-with another document (from the documents version each signature version names as its upstream) and
-confirms candidates by the exact Jaccard of their hashed shingle sets; past `max_exact_pairs` pairs it
-warns and falls back to the signature estimate. The confirmation used is in the manifest (`confirm`).
+Clustering (DedupConfig.cluster): "star" (default) or "transitive", see corpus.dedup.
 
-Incremental runs: each version holds its LSH index (`index/`, corpus.dedup.save_index). Given the
-previous version, documents whose (source, doc_id) the index holds, with unchanged signatures, reuse
-their stored clusters and only new documents are compared (find_duplicates_incremental). The result is
-mapped back to the canonical order (sources by priority, rows in order) and cluster ids renumbered by
-their smallest member there, so every file is byte-identical to a full recomputation, and so is the
-version id: whether the run was incremental is run-specific, like its time, and goes to DuckDB
-(`duplicate_index`) and the Dagster metadata, never into the manifest. Any mismatch (config, confirmation
-mode, a stored document gone or changed, an unreadable index) means a full recomputation, and says why.
+Confirmation (DedupConfig.confirm): "exact" confirms candidates by the exact Jaccard of their hashed
+shingle sets. The texts of the documents that share a band key with another document are read once,
+batch by batch (from the documents version each signature version names as its upstream), and their
+shingle sets written to an unnamed temporary file beside the lake version being written (8 bytes per
+shingle); a block of pairs reads back only its documents' sets (`_ShingleSpill`). So memory holds one
+batch of texts or one block of sets, never the corpus (on disk: <= ~0.7 bytes per byte of text here).
+Past `max_exact_pairs` pairs it warns and falls back to the signature estimate. The confirmation used
+is in the manifest (`confirm`).
+
+Incremental runs: each version holds its LSH index (`index/`, corpus.dedup.save_index) with every pair
+similarity the clustering asked for. Given the previous version, documents whose (source, doc_id) the
+index holds, with unchanged signatures, are matched to it and the clustering reruns over all signatures
+with those similarities (find_duplicates_incremental), so only pairs with new documents need shingle
+sets. The result is mapped back to the canonical order (sources by priority, rows in order), cluster ids
+renumbered by their smallest member there and pairs by canonical index, so every file is byte-identical
+to a full recomputation, and so is the version id: whether the run was incremental is run-specific, like
+its time, and goes to DuckDB (`duplicate_index`) and the Dagster metadata, never into the manifest. Any
+mismatch (config, confirmation mode, a stored document gone or changed, an unreadable index) means a
+full recomputation, and says why.
 
 The token-span pass repeated_spans lives in corpus.stages.spans.
 """
@@ -26,9 +34,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +55,7 @@ from corpus.dedup import (
     ExactBudgetExceeded,
     ExactJaccard,
     LshIndex,
+    exact_representatives,
     find_duplicates,
     find_duplicates_incremental,
     load_index,
@@ -56,9 +68,12 @@ from corpus.stages import StageOutput
 from corpus.stages.io import DOCUMENT_SCHEMA, ParquetSink, iter_batches, write_rows
 
 SIGNATURES_CODE_VERSION = "minhash_signatures/2"
-CLUSTERS_CODE_VERSION = "duplicate_clusters/2"
+CLUSTERS_CODE_VERSION = "duplicate_clusters/3"  # /3: star clusters by default, pairs in the index
 DEDUPLICATED_CODE_VERSION = "deduplicated_documents/1"
 INDEX_DIR = "index"
+# Documents read and shingled per step when spilling shingle sets (~16 KB of text each in benchmarks/scale.py:
+# ~4 MB of text, ~40 MB of hashing intermediates, per step).
+_SPILL_BATCH_ROWS = 256
 SIGNATURE_FIELDS = ("shingle_size", "num_perm", "seed", "scheme")  # what a signature depends on
 SPAN_FIELDS = ("span_length", "span_policy")  # read by repeated_spans (corpus.stages.spans), not by duplicate_clusters
 
@@ -204,8 +219,9 @@ def _read_corpus(signatures: Sequence[Version], manifest: SourcesManifest) -> _C
     )
 
 
-def _texts(corpus: _Corpus, canonical: np.ndarray) -> list[str]:
-    """Texts of the documents at these canonical indices, in that order (one pass per source file)."""
+def _texts(corpus: _Corpus, canonical: np.ndarray, limit: int) -> list[str]:
+    """The first `limit` characters of the documents at these canonical indices, in that order (one pass
+    per source file; only one whole text is held at a time)."""
     out: list[str] = [""] * len(canonical)
     for source, start in corpus.offsets.items():
         size = corpus.sizes[source]
@@ -214,24 +230,89 @@ def _texts(corpus: _Corpus, canonical: np.ndarray) -> list[str]:
             continue
         wanted = {int(canonical[k]) - start: k for k in mine.tolist()}
         row = 0
-        for batch in iter_batches(corpus.documents[source].file("documents.parquet"), ["text"]):
+        path = corpus.documents[source].file("documents.parquet")
+        for batch in iter_batches(path, ["text"], batch_rows=_SPILL_BATCH_ROWS):
             hits = [r for r in range(row, row + batch.num_rows) if r in wanted]
             if hits:
                 column = batch.column("text")
                 for r in hits:
-                    out[wanted[r]] = column[r - row].as_py()
+                    out[wanted[r]] = column[r - row].as_py()[:limit]
             row += batch.num_rows
         assert row == size, f"{source}: documents hold {row} rows, its signatures {size}"
     return out
 
 
-def _shingle_loader(corpus: _Corpus, hasher: MinHasher, perm: np.ndarray) -> Callable[[np.ndarray], list[np.ndarray]]:
-    """Shingle sets for library indices, where library index g is canonical document perm[g]."""
+class _ShingleSpill:
+    """Shingle sets of documents, computed in one streaming pass and kept in an unnamed temporary file.
 
-    def load(indices: np.ndarray) -> list[np.ndarray]:
-        return hasher.shingle_sets(_texts(corpus, perm[indices]))
+    Library index g is canonical document perm[g]. `ensure` computes the sets of the documents not yet
+    spilled, one Parquet batch of texts at a time (one pass per source holding any); `load` reads sets
+    back with one pread each. Memory: 16 bytes per document of offsets, plus one batch.
+    """
 
-    return load
+    def __init__(self, corpus: _Corpus, hasher: MinHasher, perm: np.ndarray, directory: Path) -> None:
+        self.corpus = corpus
+        self.hasher = hasher
+        self.perm = perm
+        self.offset = np.full(len(corpus), -1, dtype=np.int64)  # in shingles, by canonical index
+        self.length = np.zeros(len(corpus), dtype=np.int64)
+        self.documents = 0  # sets computed
+        self.shingles = 0  # shingles written
+        self.passes = 0  # passes over a source's texts
+        self._file = tempfile.TemporaryFile(dir=directory, prefix=".shingles-")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> _ShingleSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ensure(self, indices: np.ndarray) -> None:
+        """Compute and spill the sets of these library indices that are not spilled yet."""
+        canonical = np.unique(self.perm[np.asarray(indices, dtype=np.int64)])
+        missing = canonical[self.offset[canonical] < 0]
+        if len(missing) == 0:
+            return
+        self._file.seek(0, os.SEEK_END)
+        for source, start in self.corpus.offsets.items():
+            size = self.corpus.sizes[source]
+            rows = missing[(missing >= start) & (missing < start + size)] - start
+            if len(rows) == 0:
+                continue
+            self.passes += 1
+            row = 0
+            path = self.corpus.documents[source].file("documents.parquet")
+            for batch in iter_batches(path, ["text"], batch_rows=_SPILL_BATCH_ROWS):
+                lo, hi = np.searchsorted(rows, [row, row + batch.num_rows])
+                if hi > lo:
+                    local = rows[lo:hi] - row
+                    texts = batch.column("text").take(pa.array(local)).to_pylist()
+                    for r, values in zip((rows[lo:hi] + start).tolist(), self.hasher.shingle_sets(texts), strict=True):
+                        self.offset[r] = self.shingles
+                        self.length[r] = len(values)
+                        self._file.write(np.ascontiguousarray(values, dtype="<u8").data)
+                        self.shingles += len(values)
+                        self.documents += 1
+                row += batch.num_rows
+            assert row == size, f"{source}: documents hold {row} rows, its signatures {size}"
+        self._file.flush()
+        # Arrow's allocator keeps the decoded row groups' pages (~150 MB) for reuse; give them back.
+        pa.default_memory_pool().release_unused()
+
+    def load(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The sets of these library indices (spilling any missing first)."""
+        self.ensure(indices)
+        fd = self._file.fileno()
+        out = []
+        for c in self.perm[np.asarray(indices, dtype=np.int64)].tolist():
+            n = int(self.length[c])
+            data = os.pread(fd, 8 * n, 8 * int(self.offset[c])) if n else b""
+            assert len(data) == 8 * n, f"shingle spill: read {len(data)} of {8 * n} bytes for document {c}"
+            out.append(np.frombuffer(data, dtype="<u8").astype(np.uint64, copy=False))
+        return out
 
 
 @dataclasses.dataclass
@@ -320,10 +401,20 @@ def _canonical(result: DedupResult, perm: np.ndarray) -> _Decisions:
     )
 
 
+@dataclasses.dataclass
+class _Exact:
+    """What exact confirmation did in one run (for the run record)."""
+
+    pairs: int = 0
+    documents: int = 0
+    shingles: int = 0
+    passes: int = 0
+
+
 def _cluster(
-    corpus: _Corpus, cfg: DedupConfig, plan: _Plan, exact: bool
-) -> tuple[DedupResult, np.ndarray, ExactJaccard | None]:
-    """Run find_duplicates (or its incremental form); returns the result, its perm and the exact counter."""
+    corpus: _Corpus, cfg: DedupConfig, plan: _Plan, exact: bool, spill_dir: Path
+) -> tuple[DedupResult, np.ndarray, _Exact]:
+    """Run find_duplicates (or its incremental form); returns the result, its perm and the exact figures."""
     hasher = MinHasher(cfg)
     n = len(corpus)
     if plan.index is not None:
@@ -331,12 +422,30 @@ def _cluster(
         is_new[plan.stored] = False
         new = np.flatnonzero(is_new)
         perm = np.concatenate((plan.stored, new))
-        checker = ExactJaccard(_shingle_loader(corpus, hasher, perm), cfg.max_exact_pairs) if exact else None
+    else:
+        new = np.zeros(0, dtype=np.int64)
+        perm = np.arange(n, dtype=np.int64)
+    with _ShingleSpill(corpus, hasher, perm, spill_dir) as spill:
+        checker = ExactJaccard(spill.load, cfg.max_exact_pairs, prefetch=spill.ensure) if exact else None
+        result = _run(corpus, cfg, plan, perm, new, checker)
+        figures = _Exact(
+            pairs=checker.pairs if checker else 0,
+            documents=spill.documents,
+            shingles=checker.shingles if checker else 0,
+            passes=spill.passes,
+        )
+    return result, perm, figures
+
+
+def _run(
+    corpus: _Corpus, cfg: DedupConfig, plan: _Plan, perm: np.ndarray, new: np.ndarray, checker: ExactJaccard | None
+) -> DedupResult:
+    if plan.index is not None:
         # Current quality and priority: a source moved in the manifest changes which member is kept.
         index = dataclasses.replace(
             plan.index, quality=corpus.quality[plan.stored], priority=corpus.priority[plan.stored]
         )
-        result = find_duplicates_incremental(
+        return find_duplicates_incremental(
             index,
             [corpus.sources[i] for i in new.tolist()],
             [corpus.doc_ids[i] for i in new.tolist()],
@@ -347,13 +456,22 @@ def _cluster(
             cfg,
             exact=checker,
         )
-        return result, perm, checker
-    perm = np.arange(n, dtype=np.int64)
-    checker = ExactJaccard(_shingle_loader(corpus, hasher, perm), cfg.max_exact_pairs) if exact else None
-    result = find_duplicates(
+    return find_duplicates(
         corpus.sources, corpus.doc_ids, corpus.keys, corpus.signatures, corpus.quality, corpus.priority, cfg, checker
     )
-    return result, perm, checker
+
+
+def _canonical_pairs(corpus: _Corpus, result: DedupResult, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The result's pair similarities in canonical indices, (i, j) i < j, sorted: the index's order.
+
+    The library pairs exact-group representatives by its own order (stored documents first in an
+    incremental run), so each end is moved to its group's first canonical document.
+    """
+    rep = exact_representatives(corpus.keys, corpus.signatures)
+    mapped = rep[perm[result.pairs]] if len(result.pairs) else np.zeros((0, 2), dtype=np.int64)
+    lo, hi = np.minimum(mapped[:, 0], mapped[:, 1]), np.maximum(mapped[:, 0], mapped[:, 1])
+    order = np.lexsort((hi, lo))
+    return np.stack((lo[order], hi[order]), axis=1), result.pair_similarity[order]
 
 
 def build_duplicate_clusters(
@@ -372,7 +490,7 @@ def build_duplicate_clusters(
     plan = _plan(previous, corpus, cfg)
     exact = cfg.confirm == "exact"
     try:
-        result, perm, checker = _cluster(corpus, cfg, plan, exact)
+        result, perm, figures = _cluster(corpus, cfg, plan, exact, writer.tmp)
     except ExactBudgetExceeded as exc:
         warnings.warn(
             f"duplicate_clusters: {exc} (dedup.max_exact_pairs); confirming every pair by the signature estimate "
@@ -381,7 +499,7 @@ def build_duplicate_clusters(
         )
         exact = False
         plan = dataclasses.replace(plan, index=None, reason=f"full: {exc}; fell back to the estimate")
-        result, perm, checker = _cluster(corpus, cfg, plan, exact)
+        result, perm, figures = _cluster(corpus, cfg, plan, exact, writer.tmp)
     decided = _canonical(result, perm)
     n = len(corpus)
     decisions = []
@@ -408,6 +526,7 @@ def build_duplicate_clusters(
     write_rows(writer.path("decisions.parquet"), decisions, DECISION_SCHEMA)
     write_rows(writer.path("clusters.parquet"), clusters, CLUSTER_SCHEMA)
     confirm = "exact" if exact else "estimate"
+    pairs, pair_similarity = _canonical_pairs(corpus, result, perm)
     save_index(
         writer.path(INDEX_DIR),
         corpus.key_columns(),
@@ -415,6 +534,8 @@ def build_duplicate_clusters(
         cfg,
         cluster_id=decided.cluster_id,
         confirm=confirm,
+        pairs=pairs,
+        pair_similarity=pair_similarity,
     )
     sizes = Counter(int(c["size"]) for c in clusters)
     with open(writer.path("cluster_sizes.png"), "wb") as handle:
@@ -448,9 +569,9 @@ def build_duplicate_clusters(
         "confirm": confirm,
         "candidate_pairs": result.candidate_pairs,
         "confirmed_pairs": result.confirmed_pairs,
-        "exact_pairs": checker.pairs if checker else 0,
-        "exact_documents": len(checker) if checker else 0,
-        "exact_shingles": checker.shingles if checker else 0,
+        "exact_pairs": figures.pairs,
+        "exact_documents": figures.documents,
+        "exact_shingles": figures.shingles,
     }
     top = sorted(clusters, key=lambda c: (-c["size"], c["cluster_id"]))[:10]
     md = ["| cluster | size | exact | near | min J | sources | kept | preview |"]
@@ -522,8 +643,9 @@ def _cluster_rows(corpus: _Corpus, decided: _Decisions) -> list[dict[str, Any]]:
 
 def _previews(corpus: _Corpus, kept: list[int]) -> dict[int, str]:
     """First 80 characters of each cluster's kept member, for the top-clusters table."""
-    texts = _texts(corpus, np.asarray(kept, dtype=np.int64))
-    return {k: " ".join(t[:200].split())[:80] for k, t in zip(kept, texts, strict=True)}
+    texts = _texts(corpus, np.asarray(kept, dtype=np.int64), 200)
+    pa.default_memory_pool().release_unused()
+    return {k: " ".join(t.split())[:80] for k, t in zip(kept, texts, strict=True)}
 
 
 def _ratio_rows(corpus: _Corpus, decided: _Decisions, cfg: DedupConfig) -> list[dict[str, Any]]:
