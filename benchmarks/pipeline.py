@@ -1,13 +1,15 @@
 """`corpus run` end to end, twice on one fresh lake: wall time per asset, peak RSS, same release both times.
 
 Each run is a child process (`python -m orchestration.cli run`); its peak RSS is the child's own
-`ru_maxrss` from wait4(2) (RUSAGE_CHILDREN would give the maximum over both runs). Per-asset wall time
+`ru_maxrss` from wait4(2) (RUSAGE_CHILDREN would give the maximum over both runs): the largest single
+process, its `--workers` included. The RSS sampler sums VmRSS over the child and every process below it
+(the workers of `--workers N`), every 0.1 s: `peak_tree_rss_mib`, the memory the whole run held. Per-asset wall time
 comes from the lake's Dagster instance (`<lake>/dagster_home`): the step stats of every run that the
 `corpus run` started, summed over source partitions; `reused` counts the partitions whose materialization
 says it returned a remembered version instead of recomputing (the lake's input memos). What a run spends
 outside steps (interpreter and Dagster start-up, run bookkeeping, the closing report) is `outside steps`.
 
-Run: `.venv/bin/python benchmarks/pipeline.py [--sources FILE] [--runs N] [--lake DIR]` (default: the
+Run: `.venv/bin/python benchmarks/pipeline.py [--sources FILE] [--runs N] [--lake DIR] [--workers N]` (default: the
 embedded corpus, data/sources.yaml, into a fresh temporary lake; ~2 minutes a cold run on 2 CPU cores).
 Writes benchmarks/results/pipeline.json. `benchmarks/scale.py` reuses `timed_run`.
 """
@@ -43,7 +45,7 @@ class AssetTime:
     seconds: float = 0.0
     partitions: int = 0
     reused: int = 0
-    peak_rss_mib: float | None = None  # the highest sampled RSS while one of its steps ran
+    peak_rss_mib: float | None = None  # the highest sampled RSS (run + workers) while one of its steps ran
 
 
 @dataclass
@@ -60,6 +62,9 @@ class RunFigures:
     assets: dict[str, AssetTime] = field(default_factory=dict)
     dagster_runs: int = 0
     output_tail: str = ""
+    workers: int | None = None  # `corpus run --workers`; None: the command's default (usable CPUs)
+    phases: dict[str, float] = field(default_factory=dict)  # phase job -> first run start to last run end, s
+    peak_tree_rss_mib: float | None = None  # the highest sampled sum of RSS over the run and its workers
 
     @property
     def steps_s(self) -> float:
@@ -72,6 +77,8 @@ class RunFigures:
         out["wall_s"] = round(self.wall_s, 3)
         out["cpu_s"] = round(self.cpu_s, 3)
         out["peak_rss_mib"] = round(self.peak_rss_mib, 1)
+        if self.peak_tree_rss_mib is not None:
+            out["peak_tree_rss_mib"] = round(self.peak_tree_rss_mib, 1)
         out["assets"] = {k: {**asdict(v), "seconds": round(v.seconds, 3)} for k, v in self.assets.items()}
         return out
 
@@ -93,31 +100,73 @@ def dagster_run_ids(lake: Path) -> set[str]:
     return {run.run_id for run in instance.get_runs(filters=dg.RunsFilter(tags={CLI_TAG: "run"}))}
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc/<pid>/task/<tid>/children); [pid] where that is missing."""
+    out, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        out.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                stack.extend(int(child) for child in children.read_text().split())
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 class RssSampler(threading.Thread):
-    """Reads a process's VmRSS from /proc every `interval` s, so that each step's peak can be read off."""
+    """Sums VmRSS over a process and its descendants every `interval` s, so each step's peak can be read off."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         super().__init__(daemon=True)
-        self.path = Path(f"/proc/{pid}/status")
+        self.pid = pid
         self.interval = interval
-        self.samples: list[tuple[float, float]] = []  # (epoch seconds, MiB)
+        self.samples: list[tuple[float, float]] = []  # (epoch seconds, MiB over the process tree)
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            try:
-                text = self.path.read_text()
-            except OSError:
+            own = rss_mib(self.pid)
+            if own is None:
                 return
-            for line in text.splitlines():
-                if line.startswith("VmRSS:"):
-                    self.samples.append((time.time(), int(line.split()[1]) / 1024))
-                    break
+            others = (rss_mib(child) for child in process_tree(self.pid)[1:])
+            self.samples.append((time.time(), own + sum(m for m in others if m is not None)))
             self.done.wait(self.interval)
+
+    @property
+    def highest(self) -> float | None:
+        return max((mib for _, mib in self.samples), default=None)
 
     def peak(self, windows: Sequence[tuple[float, float]]) -> float | None:
         inside = [mib for t, mib in self.samples if any(start <= t <= end for start, end in windows)]
         return max(inside) if inside else None
+
+
+def phase_walls(lake: Path, run_ids: set[str]) -> dict[str, float]:
+    """Wall time per phase job: from its first run's start to its last run's end (partitions side by side
+    with `--workers` overlap, so this, not the summed step time, is what they cost)."""
+    import dagster as dg
+
+    instance = dg.DagsterInstance.from_config(str(lake / "dagster_home"))
+    spans: dict[str, tuple[float, float]] = {}
+    for record in instance.get_run_records(filters=dg.RunsFilter(run_ids=sorted(run_ids))):
+        if record.start_time is None or record.end_time is None:
+            continue
+        job = record.dagster_run.job_name
+        start, end = spans.get(job, (record.start_time, record.end_time))
+        spans[job] = (min(start, record.start_time), max(end, record.end_time))
+    return {job: round(end - start, 3) for job, (start, end) in sorted(spans.items(), key=lambda item: item[1][0])}
 
 
 def asset_times(lake: Path, run_ids: set[str], rss: RssSampler | None = None) -> dict[str, AssetTime]:
@@ -148,10 +197,12 @@ def asset_times(lake: Path, run_ids: set[str], rss: RssSampler | None = None) ->
     return dict(sorted(out.items(), key=lambda item: min(start for start, _ in windows[item[0]])))
 
 
-def timed_run(sources: Path, lake: Path, cpus: str | None = None) -> RunFigures:
-    """`corpus run --sources --lake` in a child process (pinned to `cpus` with taskset when given)."""
+def timed_run(sources: Path, lake: Path, cpus: str | None = None, workers: int | None = None) -> RunFigures:
+    """`corpus run --sources --lake [--workers]` in a child process (pinned to `cpus` with taskset when given)."""
     before = dagster_run_ids(lake)
     command = [sys.executable, "-m", "orchestration.cli", "run", "--sources", str(sources), "--lake", str(lake)]
+    if workers is not None:
+        command += ["--workers", str(workers)]
     if cpus is not None:
         command = ["taskset", "-c", cpus, *command]
     log = Path(tempfile.mkstemp(prefix="corpus-run-", suffix=".log")[1])
@@ -185,6 +236,9 @@ def timed_run(sources: Path, lake: Path, cpus: str | None = None) -> RunFigures:
         assets=asset_times(lake, run_ids, sampler) if run_ids else {},
         dagster_runs=len(run_ids),
         output_tail=tail if proc.returncode else "",
+        workers=workers,
+        peak_tree_rss_mib=sampler.highest,
+        phases=phase_walls(lake, run_ids) if run_ids else {},
     )
 
 
@@ -221,6 +275,8 @@ def format_table(runs: Sequence[RunFigures], labels: Sequence[str]) -> str:
         ("CPU (user + sys)", [f"{r.cpu_s:8.2f} s" for r in runs]),
         ("load avg before/after", [f"{r.load_before:.1f}/{r.load_after:.1f}" for r in runs]),
         ("peak RSS (wait4)", [f"{r.peak_rss_mib:8.0f} MiB" for r in runs]),
+        ("peak RSS, run + workers", [f"{r.peak_tree_rss_mib or 0:8.0f} MiB" for r in runs]),
+        *((f"phase {job} wall", [f"{r.phases.get(job, 0):8.2f} s" for r in runs]) for job in runs[0].phases),
         ("release", [(r.release or "FAILED")[:16] for r in runs]),
     ):
         lines.append(f"{title:<26}" + "".join(f"{v:>{width}}" for v in values))
@@ -232,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", default=str(ROOT / "data" / "sources.yaml"), help="sources manifest")
     parser.add_argument("--runs", type=int, default=2, help="runs on the same lake (default 2)")
     parser.add_argument("--lake", help="lake directory (default: a fresh temporary one, removed afterwards)")
+    parser.add_argument("--workers", type=int, help="corpus run --workers (default: the command's, usable CPUs)")
     parser.add_argument("--out", default=str(RESULTS / "pipeline.json"))
     args = parser.parse_args(argv)
     sources = Path(args.sources).resolve()
@@ -241,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for number in range(1, args.runs + 1):
             print(f"run {number}/{args.runs}: corpus run --sources {sources} --lake {lake}", flush=True)
-            figures = timed_run(sources, lake)
+            figures = timed_run(sources, lake, workers=args.workers)
             runs.append(figures)
             if figures.returncode:
                 print(figures.output_tail, file=sys.stderr)
@@ -258,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "sources": str(sources.relative_to(ROOT) if sources.is_relative_to(ROOT) else sources),
         "fresh_lake": fresh,
+        "workers": args.workers,
         "runs": [r.to_dict() for r in runs],
         "same_release": same,
     }

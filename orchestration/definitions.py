@@ -3,19 +3,28 @@
 The graph goes per source (ingest: raw -> filtered -> signatures), across sources (duplicate clusters),
 per source again (deduplicated -> tokenized) and across sources (mixing -> shards -> smoke training).
 Asset jobs follow those phases; `corpus run` executes them in order, one run per source partition
-for the partitioned phases, so every run shows in the UI. The UI's "Materialize all" launches the same
-graph as a backfill.
+for the partitioned phases (side by side in `--workers` processes), so every run shows in the UI. The
+UI's "Materialize all" launches the same graph as a backfill.
 
 The manifest and lake come from $CORPUS_SOURCES and $CORPUS_LAKE (defaults: data/sources.yaml and
 data/lake); a bad manifest fails here, at load time, with the manifest's own error message.
+
+The executor comes from $CORPUS_EXECUTOR: `in_process` (default; every step in the run's process),
+`multiprocess` (each step in its own process), or Dagster's distributed executors `celery` (dagster-celery)
+and `k8s` (dagster-k8s, one Kubernetes job per step), which are imported only when chosen. Optional
+executor config (YAML, e.g. deploy/executor-celery.yaml) comes from $CORPUS_EXECUTOR_CONFIG. Same
+Definitions, same assets, same versions: the executor decides where steps run, never what they compute.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+import yaml
 
 from assets import dedup, mixing, quality, raw, release, shards, tokens, training
 from corpus.config import load_manifest
@@ -49,6 +58,56 @@ PHASES = (
 )
 
 
+ENV_EXECUTOR = "CORPUS_EXECUTOR"
+ENV_EXECUTOR_CONFIG = "CORPUS_EXECUTOR_CONFIG"
+# name -> (module, attribute, pip requirement); the distributed ones are optional installs (deploy/README.md).
+EXECUTORS: dict[str, tuple[str, str, str | None]] = {
+    "in_process": ("dagster", "in_process_executor", None),
+    "multiprocess": ("dagster", "multiprocess_executor", None),
+    "celery": ("dagster_celery", "celery_executor", "dagster-celery==0.29.27"),
+    "k8s": ("dagster_k8s", "k8s_job_executor", "dagster-k8s==0.29.27"),
+}
+
+
+def executor_name() -> str:
+    """The executor $CORPUS_EXECUTOR names (default in_process); a clear error for anything else."""
+    name = (os.environ.get(ENV_EXECUTOR) or "in_process").strip()
+    if name not in EXECUTORS:
+        raise ValueError(f"${ENV_EXECUTOR}={name!r} is not an executor; choose one of {', '.join(EXECUTORS)}")
+    return name
+
+
+def executor_config() -> dict[str, Any] | None:
+    """The executor config in the YAML file $CORPUS_EXECUTOR_CONFIG names, or None when it is unset."""
+    path = os.environ.get(ENV_EXECUTOR_CONFIG)
+    if not path:
+        return None
+    file = Path(path).expanduser()
+    try:
+        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"${ENV_EXECUTOR_CONFIG}={path}: cannot read executor config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"${ENV_EXECUTOR_CONFIG}={path}: executor config must be a mapping, got {config!r}")
+    return config
+
+
+def build_executor() -> dg.ExecutorDefinition:
+    """The executor $CORPUS_EXECUTOR names, configured from $CORPUS_EXECUTOR_CONFIG when that is set."""
+    import importlib
+
+    name = executor_name()
+    module, attribute, requirement = EXECUTORS[name]
+    try:
+        executor: dg.ExecutorDefinition = getattr(importlib.import_module(module), attribute)
+    except ImportError as exc:
+        raise ValueError(
+            f"${ENV_EXECUTOR}={name} needs {requirement}: pip install '{requirement}' (see deploy/README.md); {exc}"
+        ) from exc
+    config = executor_config()
+    return executor if config is None else executor.configured(config, name=executor.name)
+
+
 def build_definitions(sources: Path | None = None, lake: Path | None = None) -> dg.Definitions:
     sources = sources or default_sources()
     lake = lake or default_lake()
@@ -71,8 +130,17 @@ def build_definitions(sources: Path | None = None, lake: Path | None = None) -> 
         schedules=schedules,
         sensors=sensors,
         resources={"pipeline": PipelineResource(sources=str(manifest.path), lake=str(lake))},
-        executor=dg.in_process_executor,
+        executor=build_executor(),
     )
+
+
+def load_definitions() -> dg.Definitions:
+    """Definitions for the manifest and lake the environment names now (what other processes reload).
+
+    `corpus run` points runs on other executors here rather than at `defs`: `defs` was built when this
+    module was first imported, which in a long-lived process may be before $CORPUS_SOURCES was set.
+    """
+    return build_definitions()
 
 
 defs = build_definitions()
