@@ -303,19 +303,23 @@ def test_config_rejects_bad_perplexity_settings(field: str, value: object, messa
         FilterConfig(**{field: value})
 
 
-def test_small_source_warns_that_nothing_can_be_dropped(tmp_path: Path) -> None:
-    assert [min_documents_for_a_drop(n) for n in (1.0, 2.0, 2.5, 3.0)] == [3, 6, 8, 11]
+def filter_ten_documents(tmp_path: Path, cfg: FilterConfig) -> Any:
+    """filtered_documents of a prose source of nine pydoc topics and one garbage document, last."""
     lake = Lake(tmp_path / "lake")
     spec = SourceSpec("few", "pydoc_topics", "prose")
-    cfg = rules_off()
-    manifest = make_manifest(cfg, (spec,))
     raw = raw_version(lake, "few", [*LONG_TOPICS[:9], garbage()])
     with lake.writer("heuristic_documents", "few") as writer:
         heuristic = build_heuristic_documents(raw, spec, cfg, writer).version
     with lake.writer("reference_model") as writer:
-        reference = build_reference_model([heuristic], manifest, writer).version
-    with lake.writer("filtered_documents", "few") as writer, pytest.warns(UserWarning, match="10 scored documents"):
-        version = build_filtered_documents(heuristic, reference, spec, cfg, writer).version
+        reference = build_reference_model([heuristic], make_manifest(cfg, (spec,)), writer).version
+    with lake.writer("filtered_documents", "few") as writer:
+        return build_filtered_documents(heuristic, reference, spec, cfg, writer)
+
+
+def test_small_source_warns_that_nothing_can_be_dropped(tmp_path: Path) -> None:
+    assert [min_documents_for_a_drop(n) for n in (1.0, 2.0, 2.5, 3.0)] == [3, 6, 8, 11]
+    with pytest.warns(UserWarning, match="10 scored documents"):
+        version = filter_ten_documents(tmp_path, rules_off()).version
     assert version.counts["dropped"] == {}  # the garbage document's z is at most sqrt(9) = 3
 
 
@@ -328,17 +332,7 @@ def test_median_mad_cutoff_drops_what_mean_std_cannot(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'mean_std' or 'median_mad'"):
         perplexity_cutoff(scores, 3.0, "iqr")
     # The 10-document source of the test above: the garbage document goes, and the rule is recorded.
-    lake = Lake(tmp_path / "lake")
-    spec = SourceSpec("few", "pydoc_topics", "prose")
-    cfg = dataclasses.replace(rules_off(), perplexity_cutoff="median_mad")
-    manifest = make_manifest(cfg, (spec,))
-    raw = raw_version(lake, "few", [*LONG_TOPICS[:9], garbage()])
-    with lake.writer("heuristic_documents", "few") as writer:
-        heuristic = build_heuristic_documents(raw, spec, cfg, writer).version
-    with lake.writer("reference_model") as writer:
-        reference = build_reference_model([heuristic], manifest, writer).version
-    with lake.writer("filtered_documents", "few") as writer:
-        output = build_filtered_documents(heuristic, reference, spec, cfg, writer)
+    output = filter_ten_documents(tmp_path, dataclasses.replace(rules_off(), perplexity_cutoff="median_mad"))
     assert output.version.counts["dropped"] == {"perplexity_too_high": 1}
     assert output.version.manifest["config"]["cutoff"] == "median_mad"
     assert output.version.extra["perplexity"]["rule"] == "median_mad"

@@ -90,43 +90,11 @@ def reference_find_repeated_spans(token_arrays: Sequence[np.ndarray], n: int = 1
     return [_ref_span_hit(p, s, length, offsets) for p, s, length in _ref_merge_spans(verified, offsets, n)]
 
 
-def _ref_merge_windows(pos: np.ndarray, src: np.ndarray, offsets: np.ndarray, n: int) -> list[tuple[int, int, int]]:
-    """Merge windows at consecutive positions with consecutive sources into (pos, src, length) spans."""
-    if len(pos) == 0:
-        return []
-    same_doc = np.searchsorted(offsets, pos, side="right") == np.searchsorted(offsets, pos - 1, side="right")
-    cont = np.zeros(len(pos), dtype=bool)
-    cont[1:] = (pos[1:] == pos[:-1] + 1) & (src[1:] == src[:-1] + 1) & same_doc[1:]
-    # A source run crossing into the next document is not a continuation either.
-    src_doc = np.searchsorted(offsets, src, side="right")
-    cont[1:] &= src_doc[1:] == src_doc[:-1]
-    heads = np.flatnonzero(~cont)
-    ends = np.append(heads[1:], len(pos)) - 1
-    return [(int(pos[a]), int(src[a]), int(pos[b] - pos[a]) + n) for a, b in zip(heads, ends, strict=True)]
-
-
-def _ref_merge_spans(spans: list[tuple[int, int, int]], offsets: np.ndarray, n: int) -> list[tuple[int, int, int]]:
-    """Merge verified (pos, src, length) spans whose windows continue each other (after the slow path)."""
-    out: list[tuple[int, int, int]] = []
-    for p, s, length in sorted(spans):
-        if out:
-            q, t, m = out[-1]
-            last = q + m - n  # the previous span's last window
-            same_docs = (
-                np.searchsorted(offsets, [q, t], side="right").tolist()
-                == np.searchsorted(offsets, [p, s], side="right").tolist()
-            )
-            if p == last + 1 and s - t == p - q and same_docs:
-                out[-1] = (q, t, m + length - n + 1)
-                continue
-        out.append((p, s, length))
-    return out
-
-
-def _ref_span_hit(p: int, s: int, length: int, offsets: np.ndarray) -> dd.SpanHit:
-    doc = int(np.searchsorted(offsets, p, side="right") - 1)
-    sdoc = int(np.searchsorted(offsets, s, side="right") - 1)
-    return dd.SpanHit(doc, p - int(offsets[doc]), length, sdoc, s - int(offsets[sdoc]))
+# Merging window hits into maximal spans is the library's own (corpus.spans._merge_windows and friends): what
+# the reference checks is which windows are found, every n-gram hashed against the winnowed candidates.
+_ref_merge_windows = dd._merge_windows
+_ref_merge_spans = dd._merge_spans
+_ref_span_hit = dd._span_hit
 
 
 def _ref_verify_windows(
