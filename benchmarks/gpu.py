@@ -2,7 +2,8 @@
 
 1. Loader hand-over to the GPU at batch 8, max_length 1024 and 2048 (stdlib tokens, best-fit-decreasing
    packing): samples/s into device memory for windows, packed rows without a mask, packed rows with the
-   block-diagonal causal mask built on the GPU by the loader (`ShardLoader(device=..., build_mask=True)`)
+   block-diagonal causal mask built on the GPU by the loader (`ShardLoader(device=..., build_mask=True)`,
+   with the Triton kernel of corpus._mask_kernel and with torch ops, $CORPUS_MASK_KERNEL=torch)
    and with the mask built on the CPU (`PackedDataset(with_mask=True)`, 32 MiB per batch at 2048) and
    copied. Mask cost = 1 - (with mask / without mask); the issue's target is < 20%.
 2. Packed attention on the GPU: TinyGPT logits for a packed row with its mask and restarted positions
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from corpus import packing  # noqa: E402
 from corpus.config import TrainingConfig  # noqa: E402
 from corpus.loader import ShardLoader  # noqa: E402
 from corpus.model import GPTConfig, TinyGPT  # noqa: E402
@@ -46,6 +48,7 @@ BATCH = 8
 LENGTHS = (1024, 2048)
 LOADER_SECONDS = 1.0
 ROUNDS = 3
+DEVICE_MASK = "packed + mask built on the device (Triton kernel)"
 TOKENS = 4_000_000
 
 
@@ -99,6 +102,30 @@ def _warm(dev: torch.device, seconds: float = 1.0) -> None:
         torch.cuda.synchronize()
 
 
+def use_kernel(kernel: str) -> None:
+    """Which implementation block_causal_mask uses on CUDA from now on: "triton" (default) or "torch"."""
+    os.environ[packing.ENV_MASK_KERNEL] = kernel
+
+
+def kernel_check(dev: torch.device) -> dict[str, Any]:
+    """The Triton kernel's masks against the torch formula on packed rows of several lengths (pads included)."""
+    use_kernel("triton")
+    rng = np.random.default_rng(2)
+    checked = 0
+    equal = True
+    for length in (1, 37, 64, 255, 1000, 2048):
+        for _ in range(3):
+            doc_lengths = rng.integers(1, max(2, length), size=int(rng.integers(1, 12)))
+            stream = rng.integers(0, 50000, int((doc_lengths + 1).sum())).astype(np.int64)
+            starts = np.concatenate([[0], np.cumsum(doc_lengths + 1)[:-1]])
+            rows = pack(stream, starts, doc_lengths, length)
+            seg = torch.as_tensor(np.asarray(rows.segment_ids, dtype=np.int32), device=dev)
+            for ids in (seg, seg.long()):
+                equal &= bool(torch.equal(block_causal_mask(ids)[:, 0], packing._torch_mask(ids)))
+                checked += 1
+    return {"masks_checked": checked, "all_equal": equal, "kernel_state": dict(packing._KERNEL_STATE)}
+
+
 def mask_kernel_us(segment_ids: torch.Tensor, reps: int = 200) -> dict[str, float]:
     """block_causal_mask on the device alone: host time to issue it and device time (CUDA events), in us."""
     for _ in range(10):
@@ -121,42 +148,47 @@ def loader_figures(stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for length in LENGTHS:
         packed = pack(stream, starts, lengths, length)
-        variants: list[tuple[str, ShardLoader]] = [
-            ("windows", ShardLoader(SlidingWindowDataset(stream, length, length), BATCH, seed=1, device=dev)),
-            ("packed, no mask", ShardLoader(PackedDataset(packed), BATCH, seed=1, device=dev)),
-            (
-                "packed + mask built on the device",
-                ShardLoader(PackedDataset(packed), BATCH, seed=1, device=dev, build_mask=True),
-            ),
+        on_device = ShardLoader(PackedDataset(packed), BATCH, seed=1, device=dev, build_mask=True)
+        variants: list[tuple[str, ShardLoader, str]] = [
+            ("windows", ShardLoader(SlidingWindowDataset(stream, length, length), BATCH, seed=1, device=dev), ""),
+            ("packed, no mask", ShardLoader(PackedDataset(packed), BATCH, seed=1, device=dev), ""),
+            (DEVICE_MASK, on_device, "triton"),
+            ("packed + mask built on the device (torch ops)", on_device, "torch"),
             (
                 "packed + mask built on the CPU",
                 ShardLoader(PackedDataset(packed, with_mask=True), BATCH, seed=1, device=dev),
+                "",
             ),
         ]
         _warm(dev)
-        rounds: dict[str, list[float]] = {name: [] for name, _ in variants}
+        rounds: dict[str, list[float]] = {name: [] for name, _, _ in variants}
         for _ in range(ROUNDS):
-            for name, loader in variants:
+            for name, loader, kernel in variants:
+                use_kernel(kernel or "triton")
                 rounds[name].append(rate(loader, sync)["samples_per_s"])
+        use_kernel("triton")
         base = float(np.median(rounds["packed, no mask"]))
-        for name, _ in variants:
+        for name, _, _ in variants:
             median = float(np.median(rounds[name]))
             row = {"max_length": length, "variant": name, "samples_per_s": median, "rounds": rounds[name]}
             rows.append({**row, "relative_to_packed_no_mask": median / base, "efficiency": packed.efficiency})
         if dev.type == "cuda":
             segments = PackedDataset(packed).__getitems__(list(range(BATCH)))["segment_ids"].to(dev)
-            kernel = mask_kernel_us(segments)
             per_batch_us = 1e6 * BATCH / base
-            rows.append(
-                {
-                    "max_length": length,
-                    "variant": "block_causal_mask alone",
-                    **kernel,
-                    "loader_batch_us": per_batch_us,
-                    "device_share_of_loader_batch": kernel["device_us"] / per_batch_us,
-                    "host_share_of_loader_batch": kernel["host_us"] / per_batch_us,
-                }
-            )
+            for kernel_name in ("triton", "torch"):
+                use_kernel(kernel_name)
+                kernel = mask_kernel_us(segments)
+                rows.append(
+                    {
+                        "max_length": length,
+                        "variant": f"block_causal_mask alone ({kernel_name})",
+                        **kernel,
+                        "loader_batch_us": per_batch_us,
+                        "device_share_of_loader_batch": kernel["device_us"] / per_batch_us,
+                        "host_share_of_loader_batch": kernel["host_us"] / per_batch_us,
+                    }
+                )
+            use_kernel("triton")
     return rows
 
 
@@ -257,20 +289,22 @@ def main() -> int:
     for r in report["loader"]:
         if "device_us" in r:
             print(
-                f"L {r['max_length']}: block_causal_mask {r['device_us']:.1f} us on the device, {r['host_us']:.1f} us "
+                f"L {r['max_length']}: {r['variant']} {r['device_us']:.1f} us on the device, {r['host_us']:.1f} us "
                 f"to issue; a loader batch without mask takes {r['loader_batch_us']:.1f} us "
                 f"({100 * r['device_share_of_loader_batch']:.1f}% / {100 * r['host_share_of_loader_batch']:.1f}%)"
             )
     costs = {
         str(r["max_length"]): 1 - r["relative_to_packed_no_mask"]
         for r in report["loader"]
-        if r["variant"] == "packed + mask built on the device"
+        if r["variant"] == DEVICE_MASK
     }
     report["mask_cost_on_device"] = costs
     report["mask_cost_2048_met"] = costs["2048"] < 0.20
     verdict = "met" if costs["2048"] < 0.2 else "NOT met"
     print(f"mask built on the device costs {costs}; target < 20% at 2048: {verdict}")
 
+    report["kernel_check"] = kernel_check(dev)
+    print(f"Triton mask kernel vs torch formula: {report['kernel_check']}")
     report["packed_equivalence"] = packed_equivalence(dev)
     print(f"packed row vs documents alone, max |logit diff|: {report['packed_equivalence']}")
     report["scan"] = scan_agreement(stream, dev)

@@ -12,9 +12,9 @@
   can resume at exactly the next unseen batch from `state_dict()`. Batches are gathered with one
   vectorised fancy-index per shard; the only Python loops are over batches and shards, never samples.
   With `device=` it hands batches over on that device (pinned, non-blocking copies to CUDA), and with
-  `build_mask=True` it builds the packed rows' block-diagonal causal mask there from `segment_ids`: on a
-  GPU that is a few microseconds of device work, where the same B x L x L bool mask built on the CPU
-  costs more than all the rest of the loading (benchmarks/gpu.py, benchmarks/packing.py).
+  `build_mask=True` it builds the packed rows' block-diagonal causal mask there from `segment_ids`: on an
+  H100 one kernel of ~54 us at B=8, L=2048, giving 19x the loader throughput of building the same
+  B x L x L bool mask on the CPU (benchmarks/gpu.py, benchmarks/packing.py).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import functools
 import heapq
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,25 +454,65 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
     Runs on `segment_ids`' device, so a training step or the loader can build the mask on the accelerator.
     Padding gets its diagonal because a query with no allowed key makes scaled_dot_product_attention
-    return NaN. On a GPU: one broadcast comparison and one in-place AND with a cached causal matrix (two
-    kernels over B x L x L bytes). On the CPU, where those full passes cost 50-160 ms at B=8, L=2048, the
+    return NaN. On a CUDA GPU with Triton: one kernel that writes each tile once (corpus._mask_kernel;
+    $CORPUS_MASK_KERNEL=torch turns it off). Elsewhere on a GPU: one broadcast comparison and one in-place AND
+    with a cached causal matrix. On the CPU, where those full passes cost 50-160 ms at B=8, L=2048, the
     pieces' triangles are copied block by block instead (`_block_fill`, ~5 ms), the same mask whenever a
     row's segment ids are contiguous runs, as packing writes them.
     """
     if segment_ids.ndim != 2:
         raise ValueError(f"segment_ids must be [B, L], got shape {tuple(segment_ids.shape)}")
+    if segment_ids.dtype not in (torch.int32, torch.int64):
+        segment_ids = segment_ids.long()
     if segment_ids.device.type == "cpu":
         filled = _block_fill(segment_ids.numpy())
         if filled is not None:
             return torch.from_numpy(filled)[:, None]
+    elif segment_ids.device.type == "cuda" and os.environ.get(ENV_MASK_KERNEL, "triton") != "torch":
+        mask = _kernel_mask(segment_ids)
+        if mask is not None:
+            return mask[:, None]
+    return _torch_mask(segment_ids)[:, None]
+
+
+ENV_MASK_KERNEL = "CORPUS_MASK_KERNEL"
+_KERNEL_STATE: dict[str, str] = {}  # device -> "checked" | "off"
+
+
+def _torch_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     length = segment_ids.shape[1]
-    if segment_ids.dtype not in (torch.int32, torch.int64):
-        segment_ids = segment_ids.long()
     # Give each pad a segment of its own (-1 - column), so "same segment" alone excludes pad-to-pad.
     seg = torch.where(segment_ids >= 0, segment_ids, _pad_ids(length, segment_ids.device, segment_ids.dtype))
     mask = seg[:, :, None] == seg[:, None, :]
     mask &= _causal(length, segment_ids.device)
-    return mask[:, None]
+    return mask
+
+
+def _kernel_mask(segment_ids: torch.Tensor) -> torch.Tensor | None:
+    """The Triton kernel's [B, L, L] mask, checked against `_torch_mask` on first use; None to fall back."""
+    device = str(segment_ids.device)
+    if _KERNEL_STATE.get(device) == "off":
+        return None
+    try:
+        from corpus._mask_kernel import block_causal_mask_triton
+
+        mask = block_causal_mask_triton(segment_ids)
+    except ImportError:
+        _KERNEL_STATE[device] = "off"  # no Triton: the torch formula, silently
+        return None
+    except Exception as exc:  # a compile or launch failure: say so once, then use torch
+        _KERNEL_STATE[device] = "off"
+        warnings.warn(f"block_causal_mask: Triton kernel failed on {device} ({exc}); using torch", stacklevel=3)
+        return None
+    if _KERNEL_STATE.get(device) != "checked":
+        if not torch.equal(mask, _torch_mask(segment_ids)):
+            _KERNEL_STATE[device] = "off"
+            warnings.warn(
+                f"block_causal_mask: Triton kernel disagrees with torch on {device}; using torch", stacklevel=3
+            )
+            return None
+        _KERNEL_STATE[device] = "checked"
+    return mask
 
 
 @functools.lru_cache(maxsize=8)
