@@ -91,6 +91,22 @@ class VerifyResult:
     def problems(self) -> list[str]:
         return [str(p) for p in self.issues]
 
+    def add(
+        self,
+        path: str,
+        kind: str,
+        message: str,
+        expected: Any = None,
+        actual: Any = None,
+        on_problem: Callable[[Problem], None] | None = None,
+    ) -> None:
+        """Record a problem (expected/actual as text) and hand it to `on_problem` as soon as it is found."""
+        as_text = [None if value is None else str(value) for value in (expected, actual)]
+        item = Problem(path, kind, message, *as_text)
+        self.issues.append(item)
+        if on_problem is not None:
+            on_problem(item)
+
     @property
     def ok(self) -> bool:
         return not self.issues
@@ -248,16 +264,7 @@ class _Verifier:
         self.on_problem = on_problem
 
     def problem(self, path: Path | str, kind: str, message: str, expected: Any = None, actual: Any = None) -> None:
-        item = Problem(
-            str(path),
-            kind,
-            message,
-            None if expected is None else str(expected),
-            None if actual is None else str(actual),
-        )
-        self.result.issues.append(item)
-        if self.on_problem is not None:
-            self.on_problem(item)
+        self.result.add(str(path), kind, message, expected, actual, self.on_problem)
 
     # -- manifests
 

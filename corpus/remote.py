@@ -283,16 +283,7 @@ class _RemoteVerifier:
         self.manifests: dict[UpstreamRef, dict[str, Any]] = {}
 
     def problem(self, rel: str, kind: str, message: str, expected: Any = None, actual: Any = None) -> None:
-        item = Problem(
-            self.where.show(rel),
-            kind,
-            message,
-            None if expected is None else str(expected),
-            None if actual is None else str(actual),
-        )
-        self.result.issues.append(item)
-        if self.on_problem is not None:
-            self.on_problem(item)
+        self.result.add(self.where.show(rel), kind, message, expected, actual, self.on_problem)
 
     def files(self, ref: UpstreamRef, manifest: dict[str, Any]) -> None:
         base = version_dir(ref)
@@ -417,7 +408,7 @@ def verify_remote(
         try:
             root = read_pointer(where)
         except LakeError as exc:
-            checker.problem(LATEST, "release", str(exc))
+            checker.problem(LATEST, "release", str(exc).removeprefix(f"{where.show(LATEST)}: "))  # path shown once
             return result
     else:
         parts = manifest.strip("/").split("/")

@@ -28,7 +28,6 @@ its share is of the whole loop's wall time.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import platform
 import resource
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from corpus.charts import new_chart, png_bytes
 from corpus.config import TrainingConfig
 from corpus.model import GPT2_VOCAB, IGNORE_INDEX, GPTConfig, TinyGPT, lm_loss
 from corpus.packing import block_causal_mask
@@ -479,12 +479,7 @@ def loss_chart_png(
     losses: Sequence[float], title: str, *, val_before: float | None = None, val_after: float | None = None
 ) -> bytes:
     """A 480x240 PNG line chart of the per-step loss (matplotlib Agg, no pyplot global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.8, 2.4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = new_chart()
     steps = list(range(1, len(losses) + 1))
     ax.plot(steps, [v if math.isfinite(v) else float("nan") for v in losses], lw=1.2, label="train")
     if val_before is not None and val_after is not None and steps:
@@ -495,7 +490,4 @@ def loss_chart_png(
     ax.set_ylabel("loss (nats/token)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # no version string: same input, same bytes
-    return buf.getvalue()
+    return png_bytes(fig)

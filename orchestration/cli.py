@@ -261,6 +261,23 @@ class StepRunner:
                 yield outcome
 
 
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set these environment variables (the run's Dagster home, manifest and lake: what Definitions loading
+    and the worker processes read) for the block, then put back what was there, so that `main(["run", ...])`
+    called in a process (tests, notebooks) leaves its environment as it found it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     sources = Path(args.sources).expanduser().resolve() if args.sources else default_sources()
     lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
@@ -268,11 +285,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     paths = LakePaths(lake)
     partitions = len(manifest.source_names)
     workers = min(args.workers or default_workers(), partitions)
-    with run_lock(lake, args.wait):
+    run_environ = {"DAGSTER_HOME": str(paths.dagster_home), ENV_SOURCES: str(sources), ENV_LAKE: str(lake)}
+    with run_lock(lake, args.wait), scoped_environ(run_environ):
         paths.dagster_home.mkdir(parents=True, exist_ok=True)
         if not (paths.dagster_home / "dagster.yaml").exists():
             (paths.dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
-        os.environ.update({"DAGSTER_HOME": str(paths.dagster_home), ENV_SOURCES: str(sources), ENV_LAKE: str(lake)})
         import dagster as dg
 
         from orchestration.definitions import PHASES, executor_name

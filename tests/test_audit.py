@@ -52,12 +52,7 @@ def audit_manifest(root: Path) -> Path:
 
 
 def run(manifest: Path, lake: Path) -> None:
-    saved = dict(os.environ)
-    try:
-        assert cli.main(["run", "--sources", str(manifest), "--lake", str(lake)]) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    assert cli.main(["run", "--sources", str(manifest), "--lake", str(lake)]) == 0
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ again to completion and check the release, `corpus verify`, the run lock and tha
 directory is left."""
 
 import errno
-import fcntl
 import json
 import os
 import random
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from corpus.audit import verify
 from corpus.lake import INPUTS, VersionWriter
 from corpus.release import latest_release
 from orchestration import cli
+from orchestration.automation import run_lock_held
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINING = (
@@ -93,19 +92,6 @@ def leftovers(lake: Path) -> list[str]:
     """Temporary version directories (and release pointers) a writer left behind."""
     found = list(lake.rglob(".tmp-*"))  # version directories and releases/.tmp-<pid>-LATEST alike
     return sorted(str(p.relative_to(lake)) for p in found)
-
-
-def lock_is_free(lake: Path) -> bool:
-    path = lake / ".run.lock"
-    if not path.exists():
-        return True
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return True
 
 
 def jsonl_intact(lake: Path) -> list[str]:
@@ -191,7 +177,7 @@ def kill_and_rerun(baseline: Baseline, lake: Path, logs: Path, trials: list[tupl
             stage = stage_at_kill(log)
         stages.append(stage)
         where = f"trial {trial} on {lake}: kill at {kill_at:.2f} s ({stage})"
-        assert lock_is_free(lake), f"{where}: {lake / '.run.lock'} still locked after SIGKILL"
+        assert not run_lock_held(lake), f"{where}: {lake / '.run.lock'} still locked after SIGKILL"
         rerun = run_to_end(baseline.manifest, lake)
         assert rerun.returncode == 0, f"{where}: the next run failed:\n{rerun.stdout[-3000:]}\n{rerun.stderr[-3000:]}"
         assert latest_release(lake).version == baseline.version, where
@@ -220,17 +206,6 @@ def test_sigkill_at_random_moments_then_rerun_gives_the_same_release(
     assert killed >= TRIALS // 4, f"only {killed} of {TRIALS} runs were still running at their kill time"
 
 
-@pytest.fixture
-def in_process_env() -> Iterator[None]:
-    """`corpus run` in this process sets DAGSTER_HOME and friends; put them back afterwards."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 FAULTS = [
     # (asset, file, errno): a write fails in the middle of a stage (pyarrow's writer, a Python file object), or
     # a file cannot be opened.
@@ -245,7 +220,6 @@ def test_disk_full_or_denied_keeps_the_previous_release(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    in_process_env: None,
 ) -> None:
     lake = tmp_path / "lake"
     shutil.copytree(baseline.lake, lake)
@@ -319,4 +293,4 @@ def test_two_runs_at_once_one_fails_naming_the_other(baseline: Baseline, tmp_pat
     assert latest_release(lake).version == baseline.version
     assert verify(lake).ok
     assert leftovers(lake) == []
-    assert lock_is_free(lake)
+    assert not run_lock_held(lake)

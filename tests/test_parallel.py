@@ -30,12 +30,7 @@ EXIT_WAIT_S = 30.0  # a killed run's workers must be gone by then (PDEATHSIG mak
 
 
 def run_cli(*argv: str) -> int:
-    saved = dict(os.environ)
-    try:
-        return cli.main(list(argv))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    return cli.main(list(argv))
 
 
 @pytest.fixture(scope="module")

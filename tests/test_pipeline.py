@@ -65,13 +65,11 @@ sources:
 def lakes(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("corpus")
     manifest = tiny_manifest(root)
-    saved = dict(os.environ)
-    try:
-        for name in ("a", "b"):
-            assert cli.main(["run", "--sources", str(manifest), "--lake", str(root / name)]) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    run_variables = ("DAGSTER_HOME", "CORPUS_SOURCES", "CORPUS_LAKE")
+    before = {name: os.environ.get(name) for name in run_variables}
+    for name in ("a", "b"):
+        assert cli.main(["run", "--sources", str(manifest), "--lake", str(root / name)]) == 0
+    assert {name: os.environ.get(name) for name in run_variables} == before  # the run put them back
     return manifest, root / "a", root / "b"
 
 

@@ -43,12 +43,7 @@ def small_manifest(root: Path) -> Path:
 
 
 def corpus_run(manifest: Path, lake: Path) -> None:
-    saved = dict(os.environ)
-    try:
-        assert cli.main(["run", "--sources", str(manifest), "--lake", str(lake)]) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    assert cli.main(["run", "--sources", str(manifest), "--lake", str(lake)]) == 0
 
 
 def materializations(lake: Path) -> list[dict[str, object]]:

@@ -1,7 +1,6 @@
 """corpus.remote on fsspec's memory:// filesystem: push a release, verify it there, load shards, pull it back."""
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,12 +22,7 @@ URL = "memory://bucket/corpus"
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("remote")
-    saved = dict(os.environ)
-    try:
-        assert cli.main(["run", "--sources", str(crash_manifest(root)), "--lake", str(root / "lake")]) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    assert cli.main(["run", "--sources", str(crash_manifest(root)), "--lake", str(root / "lake")]) == 0
     return root / "lake"
 
 

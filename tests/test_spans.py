@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from corpus import spans as dd
-from corpus.minhash import PowerTable, fmix64
+from corpus.minhash import PowerTable
 
 # ---------------------------------------------------------------------------------------------------
 # Reference: the pass before winnowing (a 64-bit hash of every window, all held at once). Kept verbatim
@@ -17,18 +17,8 @@ from corpus.minhash import PowerTable, fmix64
 _REF_BATCH = 1 << 20
 
 
-def _ref_window_hashes(tokens: np.ndarray, starts: np.ndarray, n: int, powers: PowerTable) -> np.ndarray:
-    """Position-independent hash of the n-token windows of `tokens` that begin at `starts`."""
-    x = tokens.astype(np.uint64)
-    x += np.uint64(1)
-    fmix64(x)  # token ids -> spread 64-bit values, so that small ids do not make structured sums
-    powers.ensure(len(x) + 1)
-    x *= powers.pow[: len(x)]
-    prefix = np.zeros(len(x) + 1, dtype=np.uint64)
-    np.cumsum(x, out=prefix[1:])  # wraps mod 2^64
-    h = prefix[starts + n] - prefix[starts]
-    h *= powers.inv[starts]
-    return h
+# The rolling hash is the library's (what differs is which windows get hashed and compared).
+_ref_window_hashes = dd._window_hashes
 
 
 def reference_find_repeated_spans(token_arrays: Sequence[np.ndarray], n: int = 128) -> list[dd.SpanHit]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import itertools
-import os
 import pydoc_data.topics
 from pathlib import Path
 
@@ -46,16 +45,11 @@ def quoting_manifest(root: Path, policy: str) -> Path:
 @pytest.fixture(scope="module")
 def lakes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
-    saved = dict(os.environ)
-    try:
-        for policy in POLICIES:
-            root = tmp_path_factory.mktemp(policy)
-            manifest = quoting_manifest(root / "src", policy)
-            assert cli.main(["run", "--sources", str(manifest), "--lake", str(root / "lake")]) == 0
-            out[policy] = root / "lake"
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    for policy in POLICIES:
+        root = tmp_path_factory.mktemp(policy)
+        manifest = quoting_manifest(root / "src", policy)
+        assert cli.main(["run", "--sources", str(manifest), "--lake", str(root / "lake")]) == 0
+        out[policy] = root / "lake"
     return out
 
 

@@ -33,7 +33,6 @@ The token-span pass repeated_spans lives in corpus.stages.spans.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import tempfile
 import warnings
@@ -46,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus.charts import new_chart, png_bytes
 from corpus.config import DedupConfig, SourcesManifest
 from corpus.dedup import (
     EXACT,
@@ -682,24 +682,15 @@ def _ratio_rows(corpus: _Corpus, decided: _Decisions, cfg: DedupConfig) -> list[
 
 def cluster_size_png(sizes: Counter[int]) -> bytes:
     """Bar chart: number of clusters per size bin (size = members, the kept one included)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [str(lo) if lo == hi else (f"{lo}-{hi}" if hi < 1 << 62 else f">={lo}") for lo, hi in SIZE_BINS]
     counts = [sum(c for s, c in sizes.items() if lo <= s <= hi) for lo, hi in SIZE_BINS]
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    fig, ax = new_chart(6, 3)
     ax.bar(np.arange(len(labels)), counts, color="#4c72b0")
     ax.set_xticks(np.arange(len(labels)), labels)
     ax.set_xlabel("cluster size (documents)")
     ax.set_ylabel("clusters")
     ax.set_title(f"{sum(sizes.values()):,} clusters, {sum(s * c for s, c in sizes.items()):,} documents", fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def build_deduplicated_documents(filtered: Version, clusters: Version, writer: VersionWriter) -> StageOutput:

@@ -18,13 +18,13 @@ traces to two pieces of one document with their own offsets.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corpus.charts import new_chart, png_bytes
 from corpus.config import SourcesManifest
 from corpus.lake import Version, VersionWriter
 from corpus.mixing import (
@@ -220,14 +220,9 @@ def _gather(
 
 def share_chart_png(rows: list[dict[str, object]]) -> bytes:
     """Bar chart: natural vs temperature-weighted vs realized share per source."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [str(r["source"]) for r in rows]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    fig, ax = new_chart(6, 3)
     for offset, key, label in (
         (-0.27, "natural_share", "natural w_i"),
         (0.0, "temperature_share", "temperature p_i"),
@@ -237,11 +232,7 @@ def share_chart_png(rows: list[dict[str, object]]) -> bytes:
     ax.set_xticks(x, names)
     ax.set_ylabel("share of tokens")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def build_mixed_tokens(

@@ -21,7 +21,6 @@ and `model_sha256`, a hash over all of them, which is the reference set's identi
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import warnings
@@ -29,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from corpus.charts import new_chart, png_bytes
 from corpus.config import SourcesManifest
 from corpus.filters.perplexity import GPT2_EOT, GPT2_VOCAB, NGramLM
 from corpus.lake import Version, VersionWriter
@@ -197,12 +197,7 @@ def min_documents_for_a_drop(n_std: float) -> int:
 
 def histogram_png(values: np.ndarray, cutoff: float, title: str) -> bytes:
     """A 480x240 PNG histogram of log-perplexities with the cut-off as a red line (matplotlib Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.8, 2.4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = new_chart()
     finite = values[np.isfinite(values)]
     if len(finite):
         ax.hist(finite, bins=min(50, max(5, len(finite) // 4)), color="#4c72b0")
@@ -214,7 +209,4 @@ def histogram_png(values: np.ndarray, cutoff: float, title: str) -> bytes:
     ax.set_ylabel("documents", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return png_bytes(fig)
