@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from corpus import packing  # noqa: E402
+from corpus import masks  # noqa: E402
 from corpus.config import TrainingConfig  # noqa: E402
 from corpus.loader import ShardLoader  # noqa: E402
+from corpus.masks import block_causal_mask  # noqa: E402
 from corpus.model import GPTConfig, TinyGPT  # noqa: E402
-from corpus.packing import PackedDataset, block_causal_mask, pack  # noqa: E402
+from corpus.packing import PackedDataset, pack  # noqa: E402
 from corpus.poison import gradient_similarity_scan  # noqa: E402
 from corpus.tokenizer import EOT_ID, get_encoding  # noqa: E402
 from corpus.windows import SlidingWindowDataset  # noqa: E402
@@ -104,7 +105,7 @@ def _warm(dev: torch.device, seconds: float = 1.0) -> None:
 
 def use_kernel(kernel: str) -> None:
     """Which implementation block_causal_mask uses on CUDA from now on: "triton" (default) or "torch"."""
-    os.environ[packing.ENV_MASK_KERNEL] = kernel
+    os.environ[masks.ENV_MASK_KERNEL] = kernel
 
 
 def kernel_check(dev: torch.device) -> dict[str, Any]:
@@ -121,9 +122,9 @@ def kernel_check(dev: torch.device) -> dict[str, Any]:
             rows = pack(stream, starts, doc_lengths, length)
             seg = torch.as_tensor(np.asarray(rows.segment_ids, dtype=np.int32), device=dev)
             for ids in (seg, seg.long()):
-                equal &= bool(torch.equal(block_causal_mask(ids)[:, 0], packing._torch_mask(ids)))
+                equal &= bool(torch.equal(block_causal_mask(ids)[:, 0], masks._torch_mask(ids)))
                 checked += 1
-    return {"masks_checked": checked, "all_equal": equal, "kernel_state": dict(packing._KERNEL_STATE)}
+    return {"masks_checked": checked, "all_equal": equal, "kernel_state": dict(masks._KERNEL_STATE)}
 
 
 def mask_kernel_us(segment_ids: torch.Tensor, reps: int = 200) -> dict[str, float]:

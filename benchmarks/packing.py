@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from corpus.masks import block_causal_mask
 from corpus.packing import (
-    block_causal_mask,
     concat_split_stats,
     open_packed,
     pack,

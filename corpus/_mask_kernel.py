@@ -1,6 +1,6 @@
 """One Triton kernel that writes the block-diagonal causal mask of packed rows on a CUDA GPU.
 
-`corpus.packing.block_causal_mask` uses it on CUDA when Triton is installed (it comes with CUDA builds of
+`corpus.masks.block_causal_mask` uses it on CUDA when Triton is installed (it comes with CUDA builds of
 torch): one pass that reads each tile's segment ids and writes its bools, instead of torch's broadcast
 comparison and AND (two passes over B x L x L bytes, 172 us at B=8, L=2048 on an H100). The first use on a
 device is checked against the torch formula; a mismatch or any error falls back to torch for good, with a

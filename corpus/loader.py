@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from corpus.lake import LakeError, Version, read_version
-from corpus.packing import block_causal_mask
+from corpus.masks import block_causal_mask
 from corpus.tokenizer import ENDOFTEXT, get_encoding
 from corpus.windows import (
     IndexLike,
@@ -251,7 +251,7 @@ class ShardLoader:
     Iterating continues the current epoch from its next unseen batch; once an epoch is done, the next
     iteration starts epoch + 1. `last_indices` holds the dataset indices of the batch last served.
     `device` moves every batch there (pinned and non-blocking for CUDA); `build_mask` adds a packed batch's
-    `attention_mask` (corpus.packing.block_causal_mask of its `segment_ids`) on that device.
+    `attention_mask` (corpus.masks.block_causal_mask of its `segment_ids`) on that device.
     """
 
     def __init__(

@@ -44,8 +44,8 @@ import torch
 
 from corpus.charts import new_chart, png_bytes
 from corpus.config import TrainingConfig
+from corpus.masks import block_causal_mask
 from corpus.model import GPT2_VOCAB, IGNORE_INDEX, GPTConfig, TinyGPT, lm_loss
-from corpus.packing import block_causal_mask
 
 Batch = tuple[Any, Any] | Mapping[str, Any]
 

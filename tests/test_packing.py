@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from corpus.lake import Lake
 from corpus.loader import ShardLoader
+from corpus.masks import block_causal_mask
 from corpus.packing import (
     IGNORE_INDEX,
     PACKED_FILES,
     PackedDataset,
     PackedRows,
     best_fit_decreasing,
-    block_causal_mask,
     concat_split_stats,
     open_packed,
     pack,
