@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from corpus.lake import MANIFEST, Lake, LakeError, UpstreamRef, Version, manifest_version
+from corpus.layout import packed_shards
 from corpus.reconcile import reconcile
 from corpus.release import RELEASE_ASSET, latest_release, lineage, releases_dir
 
@@ -247,7 +248,9 @@ def _token_files(version: Version) -> dict[str, bool]:
         return {str(s["path"]): False for s in extra.get("shards", [])}
     if version.asset == "packed_sequences":
         return {
-            f"{split}/tokens.npy": True for split, meta in dict(extra.get("splits", {})).items() if meta.get("rows")
+            f"{shard['dir']}/tokens.npy": True
+            for split in dict(extra.get("splits", {}))
+            for shard in packed_shards(version, split)
         }
     return {}
 
@@ -596,14 +599,62 @@ class _Verifier:
         mixed = next((u for u in upstream if u.asset == "mixed_tokens"), None)
         length = int(version.extra["max_length"])
         for split, meta in dict(version.extra.get("splits", {})).items():
-            if not meta.get("rows"):
+            shards = packed_shards(version, split)
+            if not shards:
                 continue
-            self.packed_split(version, split, meta, length, mixed)
+            self.packed_shard_table(version, split, meta, shards, length)
+            with tempfile.TemporaryDirectory(prefix="corpus-verify-") as tmp:
+                docs = self._split_documents(mixed, split, Path(tmp)) if mixed is not None else None
+                stream = mixed.path / f"{split}.bin" if mixed is not None else None
+                for shard in shards:
+                    self.packed_shard(version.path / str(shard["dir"]), shard, length, docs, stream)
 
-    def packed_split(
-        self, version: Version, split: str, meta: Mapping[str, Any], length: int, mixed: Version | None
+    def packed_shard_table(
+        self, version: Version, split: str, meta: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], length: int
     ) -> None:
-        base = version.path / split
+        """The manifest's shards of a split follow each other row by row, add up to the split's figures and
+        state their efficiency as real tokens / (rows x max_length)."""
+        next_row = 0
+        for shard in shards:
+            stated = shard.get("efficiency")
+            actual = int(shard.get("real_tokens") or 0) / (int(shard["rows"]) * length) if shard["rows"] else 0.0
+            if stated is not None and abs(float(stated) - actual) > 1e-9:
+                self.problem(
+                    version.path / str(shard["dir"]),
+                    "counts",
+                    f"efficiency {stated}, but {shard.get('real_tokens')} real tokens in {shard['rows']} rows of "
+                    f"{length} make {actual}",
+                    expected=actual,
+                    actual=stated,
+                )
+            if int(shard["first_row"]) != next_row:
+                self.problem(
+                    version.path / str(shard["dir"]),
+                    "counts",
+                    f"shard starts at row {shard['first_row']}, the earlier {split} shards hold {next_row} rows",
+                    expected=next_row,
+                    actual=int(shard["first_row"]),
+                )
+            next_row = int(shard["first_row"]) + int(shard["rows"])
+        for key in ("rows", "pieces", "real_tokens"):
+            total = sum(int(shard.get(key) or 0) for shard in shards)
+            if meta.get(key) is not None and total != int(meta[key]):
+                self.problem(
+                    version.manifest_path,
+                    "counts",
+                    f"{split} shards hold {total} {key.replace('_', ' ')}, the split says {meta[key]}",
+                    expected=meta[key],
+                    actual=total,
+                )
+
+    def packed_shard(
+        self,
+        base: Path,
+        meta: Mapping[str, Any],
+        length: int,
+        docs: tuple[Path, Path, int] | None,
+        stream: Path | None,
+    ) -> None:
         names = (
             "tokens", "segment_ids", "position_ids", "cu_seqlens", "cu_seqlens_offsets",
             "piece_row", "piece_start", "piece_length", "piece_doc", "piece_doc_offset",
@@ -642,11 +693,7 @@ class _Verifier:
             )
         if bad:
             return
-        with tempfile.TemporaryDirectory(prefix="corpus-verify-") as tmp:
-            docs = self._split_documents(mixed, split, Path(tmp)) if mixed is not None else None
-            self._packed_rows(
-                base, info, rows, length, pieces, meta, docs, mixed.path / f"{split}.bin" if mixed else None
-            )
+        self._packed_rows(base, info, rows, length, pieces, meta, docs, stream)
 
     @staticmethod
     def _split_documents(mixed: Version, split: str, tmp: Path) -> tuple[Path, Path, int] | None:
@@ -1267,12 +1314,30 @@ def _describe(rel: _Release, docs: list[dict[str, Any]]) -> None:
         d["stages"] = summary
 
 
-def _packed_dir(rel: _Release, split: str) -> Path:
+def _packed_shards(rel: _Release, split: str) -> tuple[Version, list[dict[str, Any]]]:
     packed = rel.one("packed_sequences")
-    meta = dict(packed.extra.get("splits", {})).get(split)
-    if not meta or not meta.get("rows"):
+    shards = packed_shards(packed, split)
+    if not shards:
         raise LakeError(f"packed_sequences {packed.version[:12]} has no rows for split {split!r}")
-    return packed.path / str(meta.get("dir", split))
+    return packed, shards
+
+
+def _packed_piece_table(rel: _Release, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(document index, row in the split, token offset in the document) of every packed piece of a split."""
+    try:
+        packed, shards = _packed_shards(rel, split)
+    except LakeError:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    parts = [
+        (
+            np.load(packed.path / str(s["dir"]) / "piece_doc.npy", mmap_mode="r"),
+            np.load(packed.path / str(s["dir"]) / "piece_row.npy", mmap_mode="r") + int(s["first_row"]),
+            np.load(packed.path / str(s["dir"]) / "piece_doc_offset.npy", mmap_mode="r"),
+        )
+        for s in shards
+    ]
+    doc, row, offset = (np.concatenate([np.asarray(part[k]) for part in parts]) for k in range(3))
+    return doc, row, offset
 
 
 def _piece_offset(stream_index: Path) -> str:
@@ -1294,27 +1359,38 @@ def _split_docs_by_index(rel: _Release, split: str, indexes: Sequence[int]) -> d
     return {int(r["doc_index"]): r for r in rows}
 
 
-def _parse_sample(name: str) -> tuple[str, str]:
-    """('packed', split) or ('window', shard file name)."""
+def _parse_sample(name: str) -> tuple[str, str, str | None]:
+    """('packed', split, shard dir or None) or ('window', shard file name, None)."""
     if name.startswith("packed:"):
-        return "packed", name.split(":", 1)[1]
+        return "packed", name.split(":", 1)[1], None
     path = Path(name)
-    if path.name.endswith(".npy") and path.parent.name in SPLITS:
-        return "packed", path.parent.name
-    return "window", path.name
+    if path.name.endswith(".npy") and path.parent.name in SPLITS:  # <split>/tokens.npy (packed_sequences/1)
+        return "packed", path.parent.name, None
+    if path.name.endswith(".npy") and path.parent.parent.name in SPLITS:  # <split>/<shard>/tokens.npy
+        return "packed", path.parent.parent.name, f"{path.parent.parent.name}/{path.parent.name}"
+    return "window", path.name, None
 
 
 def trace_sample(lake_root: Path, shard: str, index: int) -> dict[str, Any]:
     """The documents a training window or packed row holds, with their whole history and exact token offsets.
 
-    `shard` is a window shard's file name (`train-00000.bin`), or `packed:<split>` / `<split>/tokens.npy`
-    for a packed row. `token_offsets` address the document's tokens (its text encoded, plus the trailing
+    `shard` is a window shard's file name (`train-00000.bin`), or for a packed row `packed:<split>` (index:
+    the row in the split) or a shard's `<split>/<shard>/tokens.npy` (index: the row in that file).
+    `token_offsets` address the document's tokens (its text encoded, plus the trailing
     <|endoftext|>); `sample_offsets` where those tokens sit in the sample (window: input plus the last
     target token, max_length + 1 tokens; packed row: columns).
     """
     rel = _Release(lake_root)
-    kind, name = _parse_sample(shard)
+    kind, name, shard_dir = _parse_sample(shard)
     if kind == "packed":
+        if shard_dir is not None:  # a row of one shard file: its row in the split
+            _, shards = _packed_shards(rel, name)
+            entry = next((s for s in shards if s["dir"] == shard_dir), None)
+            if entry is None:
+                raise LakeError(f"no packed shard {shard_dir!r} (shards: {', '.join(s['dir'] for s in shards)})")
+            if not 0 <= index < int(entry["rows"]):
+                raise IndexError(f"{shard_dir} has {entry['rows']} rows; index {index} is out of range")
+            index += int(entry["first_row"])
         return _trace_packed(rel, name, index)
     windows = rel.one("training_windows")
     shards = {s["path"]: s for s in windows.extra["shards"]}
@@ -1358,12 +1434,15 @@ def trace_sample(lake_root: Path, shard: str, index: int) -> dict[str, Any]:
 
 
 def _trace_packed(rel: _Release, split: str, row: int) -> dict[str, Any]:
-    base = _packed_dir(rel, split)
-    offsets = np.load(base / "cu_seqlens_offsets.npy", mmap_mode="r")
-    rows = len(offsets) - 1
+    packed, shards = _packed_shards(rel, split)
+    rows = int(shards[-1]["first_row"]) + int(shards[-1]["rows"])
     if not 0 <= row < rows:
         raise IndexError(f"packed {split} has {rows} rows; row {row} is out of range")
-    p0, p1 = int(offsets[row]) - row, int(offsets[row + 1]) - row - 1
+    shard = next(s for s in reversed(shards) if int(s["first_row"]) <= row)
+    base = packed.path / str(shard["dir"])
+    local = row - int(shard["first_row"])
+    offsets = np.load(base / "cu_seqlens_offsets.npy", mmap_mode="r")
+    p0, p1 = int(offsets[local]) - local, int(offsets[local + 1]) - local - 1
     table = {
         n: np.load(base / f"{n}.npy", mmap_mode="r")[p0:p1].tolist()
         for n in ("piece_start", "piece_length", "piece_doc", "piece_doc_offset")
@@ -1386,6 +1465,7 @@ def _trace_packed(rel: _Release, split: str, row: int) -> dict[str, Any]:
         "release": rel.release.version,
         "shard": f"packed:{split}",
         "file": str(base / "tokens.npy"),
+        "file_row": local,
         "index": row,
         "split": split,
         "max_length": width,
@@ -1401,7 +1481,7 @@ def sample_tokens(lake_root: Path, traced: Mapping[str, Any]) -> list[int]:
     if traced["kind"] == "window":
         lo, hi = traced["file_tokens"]
         return np.fromfile(path, dtype="<u2", count=hi - lo, offset=2 * lo).astype(np.int64).tolist()
-    row = np.load(path, mmap_mode="r")[traced["index"]]
+    row = np.load(path, mmap_mode="r")[traced.get("file_row", traced["index"])]
     return np.asarray(row[: traced["real_tokens"]]).astype(np.int64).tolist()
 
 
@@ -1493,7 +1573,7 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
     )
     windows = rel.one("training_windows")
     length, stride = int(windows.extra["max_length"]), int(windows.extra["stride"])
-    piece_docs: dict[str, np.ndarray] = {}
+    piece_docs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for p in placements:
         p.pop("doc_id")
         # Window w covers stream tokens [w * stride, w * stride + length + 1).
@@ -1508,19 +1588,12 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
                 hits.append({"shard": s["path"], "windows": [lo - s["first_window"], hi - s["first_window"]]})
         p["shards"] = hits
         split = p["split"]
-        try:
-            base = _packed_dir(rel, split)
-        except LakeError:
-            p["packed_rows"] = []
-            continue
         if split not in piece_docs:
-            piece_docs[split] = np.load(base / "piece_doc.npy", mmap_mode="r")
-        pieces = np.nonzero(np.asarray(piece_docs[split]) == p["doc_index"])[0]
-        piece_rows = np.load(base / "piece_row.npy", mmap_mode="r")
-        offsets = np.load(base / "piece_doc_offset.npy", mmap_mode="r")
+            piece_docs[split] = _packed_piece_table(rel, split)
+        doc, row, offset = piece_docs[split]
         p["packed_rows"] = [
-            {"shard": f"packed:{split}", "row": int(piece_rows[i]), "token_offset": p["offset"] + int(offsets[i])}
-            for i in pieces
+            {"shard": f"packed:{split}", "row": int(row[i]), "token_offset": p["offset"] + int(offset[i])}
+            for i in np.nonzero(doc == p["doc_index"])[0]
         ]
     records = []
     for row in (s for s in stages if s["asset"] == "raw_documents" and s["file"] == "documents.parquet"):

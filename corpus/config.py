@@ -409,6 +409,7 @@ class PipelineConfig:
     token_budget: int | None = None
     max_epochs: float = 4.0
     windows_per_shard: int = 4096
+    packed_rows_per_shard: int = 4096
     filters: FilterConfig = field(default_factory=FilterConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -430,6 +431,8 @@ class PipelineConfig:
             raise ValueError(f"pipeline.max_epochs must be > 0, got {self.max_epochs!r}")
         if self.windows_per_shard < 1:
             raise ValueError(f"pipeline.windows_per_shard must be >= 1, got {self.windows_per_shard!r}")
+        if self.packed_rows_per_shard < 1:
+            raise ValueError(f"pipeline.packed_rows_per_shard must be >= 1, got {self.packed_rows_per_shard!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from corpus.lake import Lake, LakeError, Version
+from corpus.layout import packed_shards
 from corpus.metrics import MetricsError, MetricsStore
 from corpus.release import latest_release, lineage
 
@@ -301,15 +302,19 @@ def croissant(lake_root: Path, release: Version | None = None) -> dict[str, Any]
         distribution.append(obj)
         shard_ids.append(obj["@id"])
     packed_ids: dict[str, dict[str, str]] = {}
-    for split, meta in dict(packed.extra.get("splits", {})).items():
-        if not meta.get("rows"):
-            continue
-        for name in sorted(n for n in packed.files if n.startswith(f"{split}/")):
-            obj = _file_object(
-                lake, packed, name, "application/x-npy", f"{split} packed rows: NumPy array {name.split('/')[-1]}."
-            )
-            distribution.append(obj)
-            packed_ids.setdefault(split, {})[Path(name).stem] = obj["@id"]
+    for split in dict(packed.extra.get("splits", {})):
+        for shard in packed_shards(packed, split):
+            for name in sorted(n for n in packed.files if n.startswith(f"{shard['dir']}/")):
+                obj = _file_object(
+                    lake,
+                    packed,
+                    name,
+                    "application/x-npy",
+                    f"{split} packed rows {shard['first_row']}..{shard['first_row'] + shard['rows'] - 1}: NumPy "
+                    f"array {name.split('/')[-1]} (its rows count from 0).",
+                )
+                distribution.append(obj)
+                packed_ids.setdefault(split, {}).setdefault(Path(name).stem, obj["@id"])
     stream_id = distribution[1]["@id"]
     schema = pq.read_schema(mixed.path / "stream_index.parquet")
     documents = {
@@ -379,9 +384,10 @@ def croissant(lake_root: Path, release: Version | None = None) -> dict[str, Any]
                 "tokens",
                 "token ids",
                 f"Packed rows of exactly {length} tokens (best-fit decreasing; padding is token 50256 with segment "
-                "id -1), row r of the [rows, max_length] array. The piece table (piece_row, piece_start, piece_length, "
-                "piece_doc, piece_doc_offset) maps every token to its document; piece_doc indexes the split's records "
-                "of 'documents' in stream order.",
+                "id -1), row r of the [rows, max_length] array of the first train shard; the split's rows continue "
+                "in its other shards (train/00001/, ...) in order. A shard's piece table (piece_row, piece_start, "
+                "piece_length, piece_doc, piece_doc_offset) maps every token to its document; piece_row counts the "
+                "shard's rows, piece_doc indexes the split's records of 'documents' in stream order.",
             ),
             (
                 "packed_segment_ids",

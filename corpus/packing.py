@@ -149,17 +149,7 @@ class PackedRows:
 
     def stats(self) -> PackingStats:
         """BFD's figures; `boundary_crossings` = extra pieces of documents longer than L (the minimum)."""
-        documents = int(np.unique(np.asarray(self.piece_doc)).size)
-        return PackingStats(
-            method="best_fit_decreasing",
-            max_length=self.max_length,
-            documents=documents,
-            rows=self.num_rows,
-            real_tokens=self.real_tokens,
-            efficiency=self.efficiency,
-            tokens_dropped=0,
-            boundary_crossings=self.num_pieces - documents,
-        )
+        return _bfd_stats(self.piece_doc, self.num_rows, self.max_length, self.real_tokens)
 
     def trace(self, rows: np.ndarray | int, cols: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
         """(document index, token offset in the document) of each (row, column); (-1, -1) on padding."""
@@ -175,6 +165,20 @@ class PackedRows:
         doc = np.where(pad, -1, np.asarray(self.piece_doc)[piece])
         offset = np.where(pad, -1, np.asarray(self.piece_doc_offset)[piece] + c - np.asarray(self.piece_start)[piece])
         return doc, offset
+
+
+def _bfd_stats(piece_doc: np.ndarray, rows: int, max_length: int, real_tokens: int) -> PackingStats:
+    documents = int(np.unique(np.asarray(piece_doc)).size)
+    return PackingStats(
+        method="best_fit_decreasing",
+        max_length=max_length,
+        documents=documents,
+        rows=rows,
+        real_tokens=real_tokens,
+        efficiency=_efficiency(real_tokens, rows, max_length),
+        tokens_dropped=0,
+        boundary_crossings=int(np.asarray(piece_doc).size) - documents,
+    )
 
 
 def _check_max_length(max_length: int) -> int:
@@ -316,40 +320,97 @@ def best_fit_decreasing(piece_lengths: np.ndarray, max_length: int) -> tuple[np.
     return row_of, start_of, len(used)
 
 
-def pack(
+@dataclass(frozen=True)
+class PackingPlan:
+    """Where every piece goes, before any row is written: the piece table sorted by (row, start).
+
+    `plan_packing` makes it from document lengths alone (O(P log P)); `fill_rows` writes any contiguous
+    range of its rows, so a split's rows can be written shard by shard with memory bounded by the shard.
+    """
+
+    max_length: int
+    pad_id: int
+    dtype: type[np.unsignedinteger]
+    num_rows: int
+    piece_row: np.ndarray
+    piece_start: np.ndarray
+    piece_length: np.ndarray
+    piece_doc: np.ndarray
+    piece_doc_offset: np.ndarray
+    source_start: np.ndarray  # the piece's first token in the stream
+    row_piece_offsets: np.ndarray  # [R + 1]: row r's pieces are row_piece_offsets[r]:row_piece_offsets[r + 1]
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.piece_length.sum())
+
+    def stats(self) -> PackingStats:
+        """The figures of all planned rows, as `PackedRows.stats` gives them for filled ones."""
+        return _bfd_stats(self.piece_doc, self.num_rows, self.max_length, self.real_tokens)
+
+
+def plan_packing(
     stream: np.ndarray,
     doc_starts: np.ndarray,
     doc_lengths: np.ndarray,
     max_length: int,
     pad_id: int = EOT_ID,
-) -> PackedRows:
-    """Pack documents `stream[doc_starts[i] : doc_starts[i] + doc_lengths[i]]` into rows of `max_length`.
-
-    Lengths include each document's trailing <|endoftext|>. Deterministic: same input, same rows.
-    """
+) -> PackingPlan:
+    """Split documents into pieces and place them by best-fit decreasing; no row is written yet."""
     max_length = _check_max_length(max_length)
     stream, starts, lengths = _check_documents(stream, doc_starts, doc_lengths)
     dtype = _token_dtype(stream, pad_id)
     piece_doc, piece_doc_offset, piece_length = split_documents(lengths, max_length)
     row_of, start_of, n_rows = best_fit_decreasing(piece_length, max_length)
-
     by_row = np.lexsort((start_of, row_of))
     piece_row = row_of[by_row]
-    piece_start = start_of[by_row]
-    piece_length = piece_length[by_row]
     piece_doc = piece_doc[by_row]
     piece_doc_offset = piece_doc_offset[by_row]
-    n_pieces = piece_row.size
-    row_piece_offsets = np.searchsorted(piece_row, np.arange(n_rows + 1, dtype=np.int64)).astype(np.int64)
+    assert int(piece_length.sum()) == int(lengths.sum()), (
+        f"split {int(piece_length.sum())} tokens into pieces, documents hold {int(lengths.sum())}"
+    )
+    return PackingPlan(
+        max_length=max_length,
+        pad_id=int(pad_id),
+        dtype=dtype,
+        num_rows=n_rows,
+        piece_row=piece_row,
+        piece_start=start_of[by_row],
+        piece_length=piece_length[by_row],
+        piece_doc=piece_doc,
+        piece_doc_offset=piece_doc_offset,
+        source_start=starts[piece_doc] + piece_doc_offset,
+        row_piece_offsets=np.searchsorted(piece_row, np.arange(n_rows + 1, dtype=np.int64)).astype(np.int64),
+    )
+
+
+def fill_rows(plan: PackingPlan, stream: np.ndarray, row_lo: int = 0, row_hi: int | None = None) -> PackedRows:
+    """Rows row_lo..row_hi-1 of `plan` as a self-contained PackedRows (its rows and piece_row count from 0).
+
+    `piece_doc` keeps indexing the planned documents, so rows written in several ranges still trace to the
+    same documents. Memory: the range's row arrays, plus index temporaries of at most ~32 MB.
+    """
+    row_hi = plan.num_rows if row_hi is None else row_hi
+    if not 0 <= row_lo <= row_hi <= plan.num_rows:
+        raise ValueError(f"row range {row_lo}..{row_hi} is not within the plan's {plan.num_rows} rows")
+    max_length = plan.max_length
+    stream = np.asarray(stream)
+    p_lo, p_hi = int(plan.row_piece_offsets[row_lo]), int(plan.row_piece_offsets[row_hi])
+    n_rows = row_hi - row_lo
+    piece_row = plan.piece_row[p_lo:p_hi] - row_lo
+    piece_start = plan.piece_start[p_lo:p_hi]
+    piece_length = plan.piece_length[p_lo:p_hi]
+    source_start = plan.source_start[p_lo:p_hi]
+    n_pieces = p_hi - p_lo
+    row_piece_offsets = plan.row_piece_offsets[row_lo : row_hi + 1] - p_lo
     segment_of_piece = np.arange(n_pieces, dtype=np.int64) - row_piece_offsets[piece_row]
 
-    tokens = np.full((n_rows, max_length), pad_id, dtype=dtype)
+    tokens = np.full((n_rows, max_length), plan.pad_id, dtype=plan.dtype)
     segment_ids = np.full((n_rows, max_length), -1, dtype=np.int32)
     position_ids = np.zeros((n_rows, max_length), dtype=np.int32)
     flat_tokens = tokens.reshape(-1)
     flat_segments = segment_ids.reshape(-1)
     flat_positions = position_ids.reshape(-1)
-    source_start = starts[piece_doc] + piece_doc_offset
     dest_start = piece_row * max_length + piece_start
     token_end = np.cumsum(piece_length)
     lo = 0
@@ -371,9 +432,6 @@ def pack(
     last = row_piece_offsets[1:] - 1
     row_used = piece_start[last] + piece_length[last]
     cu_seqlens[cu_seqlens_offsets[1:] - 1] = row_used
-    assert int(piece_length.sum()) == int(lengths.sum()), (
-        f"packed {int(piece_length.sum())} tokens, documents hold {int(lengths.sum())}"
-    )
     assert n_rows == 0 or int(row_used.max()) <= max_length, f"a row holds {int(row_used.max())} > {max_length}"
     return PackedRows(
         tokens=tokens,
@@ -384,9 +442,24 @@ def pack(
         piece_row=piece_row,
         piece_start=piece_start,
         piece_length=piece_length,
-        piece_doc=piece_doc,
-        piece_doc_offset=piece_doc_offset,
+        piece_doc=plan.piece_doc[p_lo:p_hi],
+        piece_doc_offset=plan.piece_doc_offset[p_lo:p_hi],
     )
+
+
+def pack(
+    stream: np.ndarray,
+    doc_starts: np.ndarray,
+    doc_lengths: np.ndarray,
+    max_length: int,
+    pad_id: int = EOT_ID,
+) -> PackedRows:
+    """Pack documents `stream[doc_starts[i] : doc_starts[i] + doc_lengths[i]]` into rows of `max_length`.
+
+    Lengths include each document's trailing <|endoftext|>. Deterministic: same input, same rows.
+    """
+    plan = plan_packing(stream, doc_starts, doc_lengths, max_length, pad_id)
+    return fill_rows(plan, stream)
 
 
 def _check_lengths(doc_lengths: np.ndarray) -> np.ndarray:
@@ -454,24 +527,36 @@ class PackedDataset:
     it is all False and SDPA returns no NaN; pads carry no label, so their outputs never reach the loss.
     """
 
-    def __init__(self, rows: PackedRows, *, with_mask: bool = False) -> None:
-        self.rows = rows
+    def __init__(self, rows: PackedRows | Sequence[PackedRows], *, with_mask: bool = False) -> None:
+        shards = [rows] if isinstance(rows, PackedRows) else list(rows)
+        if not shards:
+            raise ValueError("PackedDataset needs at least one set of packed rows")
+        widths = sorted({shard.max_length for shard in shards})
+        if len(widths) > 1:
+            raise ValueError(f"packed shards differ in max_length: {widths}")
+        self.shards = shards
+        self.max_length = widths[0]
+        # offsets[k] is the dataset index of shard k's first row; offsets[-1] the total.
+        self.offsets = np.cumsum([0] + [shard.num_rows for shard in shards], dtype=np.int64)
         self.with_mask = with_mask
-        self._paths: dict[str, Path] | None = None  # set by open_packed: pickles as paths, not arrays
+        self._paths: list[dict[str, Path]] | None = None  # set by open_packed: pickles as paths, not arrays
 
     def __len__(self) -> int:
-        return self.rows.num_rows
+        return int(self.offsets[-1])
+
+    def __repr__(self) -> str:
+        return f"PackedDataset(shards={len(self.shards)}, rows={len(self)}, max_length={self.max_length})"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         if self._paths is not None:
-            state["rows"] = None  # a DataLoader worker re-opens the memmaps instead of receiving copies
+            state["shards"] = None  # a DataLoader worker re-opens the memmaps instead of receiving copies
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._paths is not None:
-            self.rows = _open_rows(self._paths)
+            self.shards = [_open_rows(located) for located in self._paths]
 
     def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -481,16 +566,54 @@ class PackedDataset:
             raise IndexError(f"row index {int(idx[np.argmax(bad)])} out of range for {n} packed rows")
         return np.where(idx < 0, idx + n, idx)
 
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, row within that shard) of dataset row `index`."""
+        (i,) = self._indices([index]).tolist()
+        shard = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return shard, i - int(self.offsets[shard])
+
+    def trace(self, rows: np.ndarray | int, cols: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """(document index, token offset in the document) of each (dataset row, column); (-1, -1) on padding."""
+        r = self._indices(np.atleast_1d(rows))
+        c = np.broadcast_to(np.asarray(cols, dtype=np.int64), r.shape)
+        which = np.searchsorted(self.offsets, r, side="right") - 1
+        doc = np.empty(r.shape, dtype=np.int64)
+        offset = np.empty(r.shape, dtype=np.int64)
+        for shard in np.unique(which).tolist():
+            sel = which == shard
+            doc[sel], offset[sel] = self.shards[shard].trace(r[sel] - self.offsets[shard], c[sel])
+        return doc, offset
+
+    def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens int64, segment ids int32, position ids int64) of dataset rows `idx`, one fancy-index per shard."""
+        which = np.searchsorted(self.offsets, idx, side="right") - 1
+        if not len(idx) or (which == which[0]).all():  # the whole batch in one shard
+            rows = self.shards[int(which[0]) if len(idx) else 0]
+            local = idx - self.offsets[which[0]] if len(idx) else idx
+            return (
+                np.asarray(rows.tokens[local], dtype=np.int64),
+                np.asarray(rows.segment_ids[local], dtype=np.int32),
+                np.asarray(rows.position_ids[local], dtype=np.int64),
+            )
+        shape = (len(idx), self.max_length)
+        tokens = np.empty(shape, dtype=np.int64)
+        segments = np.empty(shape, dtype=np.int32)
+        positions = np.empty(shape, dtype=np.int64)
+        for shard in np.unique(which).tolist():
+            sel = np.flatnonzero(which == shard)
+            rows, local = self.shards[shard], idx[sel] - self.offsets[shard]
+            tokens[sel] = rows.tokens[local]
+            segments[sel] = rows.segment_ids[local]
+            positions[sel] = rows.position_ids[local]
+        return tokens, segments, positions
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """One row: the `__getitems__` fields without the batch dimension."""
         batch = self.__getitems__([index])
         return {name: value[0] for name, value in batch.items()}
 
     def __getitems__(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
-        idx = self._indices(indices)
-        tokens = np.asarray(self.rows.tokens[idx], dtype=np.int64)
-        segments = np.asarray(self.rows.segment_ids[idx], dtype=np.int32)
-        positions = np.asarray(self.rows.position_ids[idx], dtype=np.int64)
+        tokens, segments, positions = self._gather(self._indices(indices))
         labels = np.full(tokens.shape, IGNORE_INDEX, dtype=np.int64)
         same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] >= 0)
         labels[:, :-1] = np.where(same, tokens[:, 1:], IGNORE_INDEX)
@@ -560,25 +683,33 @@ def _check_loaded(arrays: dict[str, np.ndarray], paths: dict[str, Path]) -> None
             raise bad(name, f"expected ({n_pieces},) int64, got {arrays[name].shape} {arrays[name].dtype}")
 
 
-def open_packed(
-    paths: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]], *, with_mask: bool = False
-) -> PackedDataset:
-    """Memory-map saved rows: a directory holding `<name>.npy`, or a mapping from array or file name to path.
+PackedPaths = str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]
+
+
+def open_packed(paths: PackedPaths | Sequence[PackedPaths], *, with_mask: bool = False) -> PackedDataset:
+    """Memory-map saved rows: a directory holding `<name>.npy`, or a mapping from array or file name to path,
+    or a list of those (shards, concatenated in list order).
 
     Shapes and dtypes are checked here; content hashes are the lake's job (`Version.verify_files`).
     """
+    shards = [paths] if isinstance(paths, str | os.PathLike | Mapping) else list(paths)
+    if not shards:
+        raise ValueError("open_packed: no packed shards given")
+    located = [_locate(shard) for shard in shards]
+    dataset = PackedDataset([_open_rows(one) for one in located], with_mask=with_mask)
+    dataset._paths = located
+    return dataset
+
+
+def _locate(paths: PackedPaths) -> dict[str, Path]:
     if isinstance(paths, Mapping):
         given = {str(key).removesuffix(".npy"): Path(value) for key, value in paths.items()}
         missing = [name for name in PACKED_FILES if name not in given]
         if missing:
             raise ValueError(f"packed arrays missing from paths: {', '.join(missing)}")
-        located = {name: given[name] for name in PACKED_FILES}
-    else:
-        directory = Path(paths)
-        located = {name: directory / f"{name}.npy" for name in PACKED_FILES}
-    dataset = PackedDataset(_open_rows(located), with_mask=with_mask)
-    dataset._paths = located
-    return dataset
+        return {name: given[name] for name in PACKED_FILES}
+    directory = Path(paths)
+    return {name: directory / f"{name}.npy" for name in PACKED_FILES}
 
 
 def _open_rows(located: dict[str, Path]) -> PackedRows:

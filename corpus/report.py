@@ -154,6 +154,14 @@ def format_summary(report: dict[str, Any]) -> str:
         f"windows (L={w['max_length']}, stride={w['stride']}): {w['train_windows']:,} train, "
         f"{w['validation_windows']:,} validation in {len(report['shards'])} shards"
     )
+    packing = report["packing"]
+    length = int(w["max_length"])
+    for split, meta in packing["splits"].items():
+        if meta.get("rows"):
+            lines.append(
+                f"packed {split} (L={length}): {meta['rows']:,} rows, efficiency {meta['efficiency']:.4f} "
+                f"in {len(meta.get('shards', [None]))} shards"
+            )
     lines.append(f"duplicate ratio after dedup: {report['duplicates']['ratio']:.4f}")
     lines.append("mixture: " + ", ".join(f"{m['source']} {100 * m['realized_share']:.1f}%" for m in report["mixture"]))
     training = report.get("training")
@@ -181,6 +189,13 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  {name}: {reason} {n:,}")
     lines.append("shards:")
     lines += [f"  {s['path']}  {s['sha256']}  {s['bytes']:,} bytes  {s['windows']:,} windows" for s in report["shards"]]
+    lines.append("packed shards:")
+    for meta in report["packing"]["splits"].values():
+        lines += [
+            f"  {shard['dir']}  rows {shard['first_row']:,}..{shard['first_row'] + shard['rows'] - 1:,}  "
+            f"{shard['real_tokens']:,} tokens  efficiency {shard['efficiency']:.4f}"
+            for shard in meta.get("shards", [])
+        ]
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ from corpus.config import FilterConfig
 from corpus.diff import diff_releases, resolve_release
 from corpus.filters import QualityFilter
 from corpus.lake import MANIFEST, Lake, Version, manifest_version, read_version
+from corpus.layout import packed_shards
 from corpus.lineage_export import croissant, emit_openlineage
 from corpus.release import latest_release, lineage, merkle_root
 from corpus.tokenizer import get_encoding
@@ -152,8 +153,8 @@ def test_tamper_truncate_a_file(copy: Path) -> None:
 
 def test_tamper_delete_a_file(copy: Path) -> None:
     packed = version_of(copy, "packed_sequences")
-    victim = packed.path / "train" / "piece_doc.npy"
-    expected = packed.files["train/piece_doc.npy"]
+    victim = packed.path / "train" / "00001" / "piece_doc.npy"
+    expected = packed.files["train/00001/piece_doc.npy"]
     victim.unlink()
     result = verify(copy)
     assert result.problems == [
@@ -249,7 +250,7 @@ def test_tamper_release_document_and_manifest(copy: Path) -> None:
 
 def test_tamper_packed_piece_table_is_caught_by_the_index_check(copy: Path) -> None:
     packed = version_of(copy, "packed_sequences")
-    path = packed.path / "train" / "piece_doc_offset.npy"
+    path = packed.path / "train" / "00001" / "piece_doc_offset.npy"
     array = np.load(path)
     array[5] += 1  # a piece now claims to start one token later in its document
     np.save(path, array)
@@ -257,7 +258,7 @@ def test_tamper_packed_piece_table_is_caught_by_the_index_check(copy: Path) -> N
     kinds = {(i.path, i.kind) for i in result.issues}
     assert (str(path), "sha256") in kinds
     assert any(
-        i.path == str(packed.path / "train" / "tokens.npy") and i.kind == "structure" for i in result.issues
+        i.path == str(packed.path / "train" / "00001" / "tokens.npy") and i.kind == "structure" for i in result.issues
     ) or any(i.path == str(path) and i.kind == "structure" for i in result.issues)
 
 
@@ -278,7 +279,7 @@ def _sample_tokens(traced: dict) -> list[int]:
     if traced["kind"] == "window":
         lo, hi = traced["file_tokens"]
         return np.fromfile(path, dtype="<u2")[lo:hi].astype(int).tolist()
-    row = np.load(path)[traced["index"]]
+    row = np.load(path)[traced["file_row"]]
     real = traced["real_tokens"]
     assert (row[real:] == 50256).all()  # padding after the pieces
     return row[:real].astype(int).tolist()
@@ -325,8 +326,10 @@ def _samples(lake: Path) -> list[tuple[str, int]]:
         rows = packed.extra["splits"][split]["rows"]
         samples += [(f"packed:{split}", rng.randrange(rows)) for _ in range(4)]
     index = pq.read_table(version_of(lake, "mixed_tokens").path / "stream_index.parquet").to_pylist()
-    piece_doc = np.load(packed.path / "train" / "piece_doc.npy")
-    piece_row = np.load(packed.path / "train" / "piece_row.npy")
+    parts = packed_shards(packed, "train")
+    assert len(parts) >= 3  # the tiny corpus spans several packed shards
+    piece_doc = np.concatenate([np.load(packed.path / s["dir"] / "piece_doc.npy") for s in parts])
+    piece_row = np.concatenate([np.load(packed.path / s["dir"] / "piece_row.npy") + s["first_row"] for s in parts])
     stride = windows.extra["stride"]
     train = [r for r in index if r["split"] == "train"]
     firsts = [
@@ -373,9 +376,17 @@ def test_replay_sample_and_cli(lake: Path, capsys: pytest.CaptureFixture[str]) -
     assert cli.main(["trace", "sample", "train-00000.bin", "2", "--lake", str(lake), "--replay"]) == 0
     assert json.loads(capsys.readouterr().out)["equal"] is True
     packed = version_of(lake, "packed_sequences")
-    assert cli.main(["trace", "sample", "train/tokens.npy", "1", "--lake", str(lake)]) == 0
+    second = packed_shards(packed, "train")[1]
+    assert cli.main(["trace", "sample", "train/00001/tokens.npy", "1", "--lake", str(lake)]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["kind"] == "packed" and out["file"] == str(packed.path / "train" / "tokens.npy")
+    assert out["kind"] == "packed" and out["file"] == str(packed.path / "train" / "00001" / "tokens.npy")
+    # Row 1 of the second shard file is row first_row + 1 of the split, traced the same either way.
+    assert (out["index"], out["file_row"]) == (second["first_row"] + 1, 1)
+    assert out == audit.trace_sample(lake, "packed:train", second["first_row"] + 1)
+    assert (
+        audit.sample_tokens(lake, out)
+        == np.load(packed.path / "train" / "00001" / "tokens.npy")[1][: out["real_tokens"]].tolist()
+    )
     assert cli.main(["trace", "sample", "train-00000.bin", "999999", "--lake", str(lake)]) == 1
     assert "out of range" in capsys.readouterr().err
 

@@ -19,9 +19,11 @@ from corpus.packing import (
     PackedRows,
     best_fit_decreasing,
     concat_split_stats,
+    fill_rows,
     open_packed,
     pack,
     pad_to_max_stats,
+    plan_packing,
     save_packed,
     split_documents,
 )
@@ -196,7 +198,7 @@ def test_out_of_range_index_is_index_error() -> None:
     with pytest.raises(IndexError, match="row index 1 out of range for 1 packed rows"):
         dataset.__getitems__([0, 1])
     with pytest.raises(IndexError, match="row out of range"):
-        dataset.rows.trace(3, 0)
+        dataset.shards[0].trace(3, 0)
 
 
 # --- properties ---------------------------------------------------------------------------------------
@@ -289,6 +291,49 @@ def test_packing_properties(corpus: tuple[list[int], int, int]) -> None:
         assert np.array_equal(array, getattr(again, name)) and array.dtype == getattr(again, name).dtype, name
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora(), st.integers(1, 7), st.integers(0, 2**16))
+def test_rows_filled_shard_by_shard_equal_the_whole(
+    corpus: tuple[list[int], int, int], per_shard: int, seed: int
+) -> None:
+    """fill_rows over consecutive ranges gives the rows of one pack(); a dataset over the shards serves the same
+    batches and traces as one over the whole."""
+    lengths, max_length, stream_seed = corpus
+    stream, starts, lens = documents(lengths, stream_seed)
+    whole = pack(stream, starts, lens, max_length)
+    plan = plan_packing(stream, starts, lens, max_length)
+    assert plan.num_rows == whole.num_rows and plan.stats() == whole.stats()
+    shards = [
+        fill_rows(plan, stream, lo, min(lo + per_shard, plan.num_rows)) for lo in range(0, plan.num_rows, per_shard)
+    ]
+    if not shards:
+        assert whole.num_rows == 0
+        return
+    for name in ("tokens", "segment_ids", "position_ids"):
+        assert np.array_equal(np.concatenate([getattr(s, name) for s in shards]), getattr(whole, name)), name
+    firsts = np.cumsum([0] + [s.num_rows for s in shards])
+    assert np.array_equal(
+        np.concatenate([s.piece_row + f for s, f in zip(shards, firsts, strict=False)]), whole.piece_row
+    )
+    for name in ("piece_start", "piece_length", "piece_doc", "piece_doc_offset"):
+        assert np.array_equal(np.concatenate([getattr(s, name) for s in shards]), getattr(whole, name)), name
+    for s in shards:  # each shard stands alone: its cu_seqlens describe its own rows
+        assert s.cu_seqlens_offsets[0] == 0 and s.cu_seqlens_offsets[-1] == s.num_pieces + s.num_rows
+    assert sum(s.real_tokens for s in shards) == whole.real_tokens
+    rng = np.random.default_rng(seed)
+    one, many = PackedDataset(whole), PackedDataset(shards)
+    assert len(many) == len(one) == whole.num_rows
+    for _ in range(3):
+        idx = rng.integers(-len(one), len(one), size=int(rng.integers(1, 9)))
+        a, b = one.__getitems__(idx), many.__getitems__(idx)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        cols = rng.integers(0, max_length, size=idx.size)
+        assert all(
+            np.array_equal(x, y) for x, y in zip(whole.trace(idx % len(one), cols), many.trace(idx, cols), strict=True)
+        )
+    assert many.locate(len(many) - 1) == (len(shards) - 1, shards[-1].num_rows - 1)
+
+
 # --- model level --------------------------------------------------------------------------------------
 
 
@@ -340,6 +385,27 @@ def test_packed_attention_equals_per_document_attention() -> None:
 # --- save / load ----------------------------------------------------------------------------------------
 
 
+def test_open_packed_shards_concatenates_and_pickles_as_paths(tmp_path) -> None:
+    stream, starts, lens = documents([30, 2, 17, 9, 64, 1, 40, 5, 5, 12], seed=8)
+    plan = plan_packing(stream, starts, lens, 16)
+    dirs = []
+    for number, lo in enumerate(range(0, plan.num_rows, 4)):
+        dirs.append(tmp_path / f"{number:05d}")
+        save_packed(dirs[-1], fill_rows(plan, stream, lo, min(lo + 4, plan.num_rows)))
+    assert len(dirs) >= 3
+    dataset = open_packed(dirs)
+    whole = PackedDataset(pack(stream, starts, lens, 16))
+    rows = list(range(len(whole)))[::-1]
+    expected = whole.__getitems__(rows)
+    for candidate in (dataset, pickle.loads(pickle.dumps(dataset))):
+        assert len(candidate) == len(whole) and all(isinstance(s.tokens, np.memmap) for s in candidate.shards)
+        got = candidate.__getitems__(rows)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert len(pickle.dumps(dataset)) < 4096  # paths, not arrays
+    with pytest.raises(ValueError, match="no packed shards"):
+        open_packed([])
+
+
 def test_save_open_roundtrip_is_deterministic_and_memmapped(tmp_path) -> None:
     stream, starts, lens = documents([30, 2, 17, 9, 64, 1, 40], seed=5)
     packed = pack(stream, starts, lens, 32)
@@ -350,9 +416,9 @@ def test_save_open_roundtrip_is_deterministic_and_memmapped(tmp_path) -> None:
     for name in PACKED_FILES:
         assert (first / f"{name}.npy").read_bytes() == (tmp_path / "b" / f"{name}.npy").read_bytes(), name
     dataset = open_packed(first, with_mask=True)
-    assert isinstance(dataset.rows.tokens, np.memmap)
+    assert isinstance(dataset.shards[0].tokens, np.memmap)
     for name, array in packed.arrays().items():
-        assert np.array_equal(getattr(dataset.rows, name), array), name
+        assert np.array_equal(getattr(dataset.shards[0], name), array), name
     direct = PackedDataset(packed, with_mask=True).__getitems__([2, 0])
     loaded = dataset.__getitems__([2, 0])
     assert all(torch.equal(direct[key], loaded[key]) for key in direct)
@@ -375,7 +441,7 @@ def test_save_into_lake_version_and_open_from_manifest(tmp_path) -> None:
     assert ids[0] == ids[1]  # byte-identical files, same version id
     version.verify_files()
     dataset = open_packed({name: version.file(name) for name in version.files})
-    assert dataset.rows.tokens.tolist() == packed.tokens.tolist()
+    assert dataset.shards[0].tokens.tolist() == packed.tokens.tolist()
 
 
 def test_open_packed_rejects_inconsistent_files(tmp_path) -> None:

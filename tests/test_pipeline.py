@@ -50,6 +50,7 @@ pipeline:
   stride: 32
   validation_fraction: 0.05
   windows_per_shard: 256
+  packed_rows_per_shard: 96
   training: {steps: 12, batch_size: 4, d_model: 32, n_layers: 1, n_heads: 2, learning_rate: 0.01, min_loss_drop: 0.02}
 sources:
   - {name: docs, kind: pydoc_topics, profile: prose}

@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 
 from corpus.config import PipelineConfig
 from corpus.lake import Version, VersionWriter
+from corpus.layout import packed_shards
 from corpus.loader import ShardLoader, open_window_shards
 from corpus.model import TinyGPT
-from corpus.packing import open_packed
+from corpus.packing import PACKED_FILES, open_packed
 from corpus.poison import gradient_similarity_scan
 from corpus.stages import StageOutput
 from corpus.train import SmokeResult, loss_chart_png, smoke_train
@@ -30,13 +31,13 @@ SCAN_CODE_VERSION = "poisoning_scan/1"
 
 
 def open_packed_split(packed: Version, split: str, *, with_mask: bool = True, verify: bool = True) -> Any:
-    """The packed rows of one split, after re-hashing each of its files against the manifest."""
-    names = [name for name in packed.files if name.startswith(f"{split}/")]
-    if not names:
+    """The packed rows of one split (all its shards, in row order), after re-hashing each of their files."""
+    shards = packed_shards(packed, split)
+    if not shards:
         raise ValueError(f"packed_sequences {packed.version[:12]} has no {split!r} rows")
     if verify:
-        packed.verify_files(names)
-    return open_packed(packed.path / split, with_mask=with_mask)
+        packed.verify_files([f"{shard['dir']}/{name}.npy" for shard in shards for name in PACKED_FILES])
+    return open_packed([packed.path / shard["dir"] for shard in shards], with_mask=with_mask)
 
 
 def _val_batches(loader: ShardLoader | None, count: int) -> list[Any]:
