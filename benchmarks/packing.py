@@ -5,8 +5,10 @@ UTF-8 only) plus every pydoc topic, GPT-2 tokens with <|endoftext|> appended to 
 Part 1, per max_length: time to build the [R, L] rows and the rows / efficiency / dropped tokens /
 boundary crossings of each layout. Part 2, batch 8 over the packed rows (memory-mapped from .npy files
 as the lake stores them): samples/s and tokens/s of PackedDataset.__getitems__ without and with the
-dense attention mask, the vectorised `block_causal_mask` for reference, and sliding windows
-(stride = max_length) over the same stream. Writes benchmarks/results/packing.json.
+dense attention mask, `block_causal_mask(segment_ids, position_ids)` as `ShardLoader(build_mask=True)`
+calls it (the block fill on the CPU), the one comparison of position ids that CUDA runs by default
+(timed here on the CPU, where it loses to the block fill), and sliding windows (stride = max_length) over
+the same stream. Writes benchmarks/results/packing.json.
 
     .venv/bin/python benchmarks/packing.py [--lengths 1024 2048] [--seconds 2.0] [--threads 1]
 """
@@ -30,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from corpus import masks
 from corpus.masks import block_causal_mask
 from corpus.packing import (
     concat_split_stats,
@@ -204,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
 
             def vectorised(idx: np.ndarray, plain: Any = plain) -> dict[str, torch.Tensor]:
                 batch = plain.__getitems__(idx)
-                batch["attention_mask"] = block_causal_mask(batch["segment_ids"])
+                batch["attention_mask"] = block_causal_mask(batch["segment_ids"], batch["position_ids"])
+                return batch
+
+            def from_positions(idx: np.ndarray, plain: Any = plain) -> dict[str, torch.Tensor]:
+                batch = plain.__getitems__(idx)
+                batch["attention_mask"] = masks._position_mask(batch["position_ids"])
                 return batch
 
             fetch_windows, n_windows, window_source = window_fetcher(stream, length)
@@ -212,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("packed, no mask", plain.__getitems__, len(plain), efficiency),
                 ("packed + mask (block fill)", masked.__getitems__, len(masked), efficiency),
                 ("packed + block_causal_mask", vectorised, len(plain), efficiency),
+                ("packed + mask from position ids (one op)", from_positions, len(plain), efficiency),
                 ("sliding windows", fetch_windows, n_windows, 1.0),
             ]
             base = None

@@ -1,10 +1,13 @@
 """One Triton kernel that writes the block-diagonal causal mask of packed rows on a CUDA GPU.
 
 `corpus.masks.block_causal_mask` uses it on CUDA when Triton is installed (it comes with CUDA builds of
-torch): one pass that reads each tile's segment ids and writes its bools, instead of torch's broadcast
-comparison and AND (two passes over B x L x L bytes, 172 us at B=8, L=2048 on an H100). The first use on a
-device is checked against the torch formula; a mismatch or any error falls back to torch for good, with a
-warning. Imported only on CUDA: CPU-only installs never import Triton.
+torch) and the call has no position ids, or when $CORPUS_MASK_KERNEL=triton: one pass that reads each
+tile's segment ids and writes its bools, instead of torch's broadcast comparison and AND (two passes over
+B x L x L bytes, 172 us at B=8, L=2048 on an H100, against 54 us here). With position ids the one torch
+comparison of corpus.masks is the default instead: Triton's Python launch costs ~54 us of host time, and
+the loader is host-bound. The first use on a device is checked against the torch formula; a mismatch or
+any error falls back to torch for good, with a warning. Imported only on CUDA: CPU-only installs never
+import Triton.
 """
 
 from __future__ import annotations

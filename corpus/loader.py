@@ -12,9 +12,12 @@
   can resume at exactly the next unseen batch from `state_dict()`. Batches are gathered with one
   vectorised fancy-index per shard; the only Python loops are over batches and shards, never samples.
   With `device=` it hands batches over on that device (pinned, non-blocking copies to CUDA), and with
-  `build_mask=True` it builds the packed rows' block-diagonal causal mask there from `segment_ids`: on an
-  H100 one kernel of ~54 us at B=8, L=2048, giving 19x the loader throughput of building the same
-  B x L x L bool mask on the CPU (benchmarks/gpu.py, benchmarks/packing.py).
+  `build_mask=True` it builds the packed rows' block-diagonal causal mask there
+  (corpus.masks.block_causal_mask of `segment_ids` and `position_ids`). On CUDA that is one broadcast
+  comparison of the position ids against a cached distance matrix, a single launch, because the loop is
+  host-bound: the Triton kernel over segment ids (~54 us on an H100 at B=8, L=2048) cost as much host time
+  to launch, and the mask cost 32% of the loader's throughput with it (benchmarks/gpu.py). On the CPU the
+  pieces' triangles are copied block by block (benchmarks/packing.py).
 """
 
 from __future__ import annotations
@@ -251,7 +254,8 @@ class ShardLoader:
     Iterating continues the current epoch from its next unseen batch; once an epoch is done, the next
     iteration starts epoch + 1. `last_indices` holds the dataset indices of the batch last served.
     `device` moves every batch there (pinned and non-blocking for CUDA); `build_mask` adds a packed batch's
-    `attention_mask` (corpus.masks.block_causal_mask of its `segment_ids`) on that device.
+    `attention_mask` (corpus.masks.block_causal_mask of its `segment_ids` and, when it has them, its
+    `position_ids`) on that device.
     """
 
     def __init__(
@@ -383,13 +387,17 @@ class ShardLoader:
         return batch
 
     def _attention_mask(self, batch: Batch) -> Batch:
-        """Add `attention_mask` [B, 1, L, L] built from `segment_ids` where the batch now is."""
+        """Add `attention_mask` [B, 1, L, L] built from `segment_ids` (and `position_ids`) where the batch now is.
+
+        The position ids of a packed batch let CUDA build the mask in one launch; the loader trusts that
+        they follow the packing layout (corpus.packing writes them so), as checking would stall the host.
+        """
         if not isinstance(batch, dict) or "segment_ids" not in batch:
             have = sorted(batch) if isinstance(batch, dict) else f"a tuple of {len(batch)} tensors"
             raise ValueError(f"build_mask needs packed batches with 'segment_ids', got {have}")
         if "attention_mask" in batch:
             return batch  # the dataset built one already (PackedDataset(with_mask=True))
-        return {**batch, "attention_mask": block_causal_mask(batch["segment_ids"])}
+        return {**batch, "attention_mask": block_causal_mask(batch["segment_ids"], batch.get("position_ids"))}
 
     def _mask(self, batch: Batch, indices: npt.NDArray[np.int64], epoch: int) -> Batch:
         assert self.mask_tokens is not None

@@ -16,7 +16,8 @@ Two batch kinds: `(inputs, targets)` windows (or a `WindowBatch` with `.inputs`/
 the causal fast path (`is_causal=True`); dicts from packing (`input_ids`, `labels` with -100 where no
 loss, `position_ids`, `segment_ids`, optional bool `attention_mask` [B, 1, L, L]) train with their
 positions and mask; without `attention_mask` the mask is built on the device from `segment_ids` (same
-segment and not in the future; a pad attends to itself only).
+segment and not in the future; a pad attends to itself only), on CUDA in one comparison of the
+`position_ids` (corpus.masks), which is why the check requires them to follow the packing layout.
 
 On CUDA: bf16 autocast, pinned host tensors copied with `non_blocking=True`, per-step losses kept on
 the device and read once at the end (a `.item()` per step would stall the host every step), and
@@ -70,14 +71,15 @@ class ModelBatch:
     kind: str  # "windows" | "packed"
 
     def attention(self) -> torch.Tensor | None:
-        """The batch's mask; else one built from `segment_ids` on their device; else None (causal).
+        """The batch's mask; else one built from `segment_ids` (and `position_ids`) on their device; else None.
 
         Building it after the copy to the GPU moves B x L instead of B x L x L values across PCIe
         (at B=8, L=2,048: 128 KiB of ids instead of a 32 MiB mask). A pad gets a segment of its own.
+        With position ids, CUDA reads the mask from them alone; `as_model_batch` checked their layout.
         """
         if self.attn_mask is not None or self.segment_ids is None:
             return self.attn_mask
-        return block_causal_mask(self.segment_ids)
+        return block_causal_mask(self.segment_ids, self.position_ids)
 
     @property
     def loss_tokens(self) -> int:
@@ -179,6 +181,8 @@ def as_model_batch(batch: Batch, *, vocab_size: int = GPT2_VOCAB, max_length: in
         _check_range(labels, "labels", 0, vocab_size, allow=IGNORE_INDEX)
         if position_ids is not None:
             _check_range(position_ids, "position_ids", 0, max_length)
+            if segment_ids is not None:
+                _check_packing_layout(segment_ids, position_ids)
         if not bool((labels != IGNORE_INDEX).any()):
             raise ValueError("no position in the batch has a label (all -100), so it carries no loss")
         if attn_mask is not None and bool(torch.triu(attn_mask.squeeze(1), diagonal=1).any()):
@@ -186,6 +190,34 @@ def as_model_batch(batch: Batch, *, vocab_size: int = GPT2_VOCAB, max_length: in
             raise ValueError(f"attention_mask{pos} lets a token attend to a later position (a label leak)")
         _check_next_token(input_ids, labels, segment_ids)
     return ModelBatch(input_ids, labels, position_ids, segment_ids, attn_mask, kind)
+
+
+def _check_packing_layout(segment_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+    """Each piece one run of its segment id with positions 0, 1, 2, ...; position 0 on padding (id < 0).
+
+    `block_causal_mask` builds the mask from position ids on CUDA and from segment ids on the CPU; the two
+    agree only on this layout, and positions that do not restart at a piece would open it to the piece
+    before it, another document, without any error.
+    """
+    seg = segment_ids.clamp(min=-1)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    column = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+    run_start = torch.where(starts, column, 0).cummax(dim=1).values
+    expected = torch.where(seg >= 0, column - run_start, 0)
+    wrong = position_ids != expected
+    if bool(wrong.any()):
+        pos = tuple(int(i) for i in wrong.nonzero()[0])
+        raise ValueError(
+            f"position_ids{pos} = {int(position_ids[pos])}, expected {int(expected[pos])}: positions must restart "
+            "at 0 where the segment id changes and rise by 1 within it (0 on padding), as packing writes them"
+        )
+    ordered = seg.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1) + 1 - (ordered[:, 0] < 0).long()
+    runs = (starts & (seg >= 0)).sum(dim=1)
+    if bool((runs != distinct).any()):
+        row = int((runs != distinct).nonzero()[0, 0])
+        raise ValueError(f"segment_ids row {row}: a segment id comes back after another; a piece must be one run")
 
 
 def _check_next_token(input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: torch.Tensor | None) -> None:
