@@ -30,7 +30,7 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
 
     @dg.asset(deps=["mixed_tokens"], code_version=PACKED_CODE_VERSION, group_name="shards", kinds={"numpy"})
     def packed_sequences(context: dg.AssetExecutionContext, pipeline: PipelineResource) -> dg.MaterializeResult:
-        """Documents packed into rows of max_length with segment ids, position ids and cu_seqlens."""
+        """Documents packed into rows of max_length (segment ids, position ids, cu_seqlens), in shards of rows."""
         mixed = upstream_version(context, pipeline, "mixed_tokens")
         cfg = pipeline.manifest().pipeline
         output = reuse_or_build(

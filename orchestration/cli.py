@@ -406,7 +406,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
     lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
     if args.kind == "sample":
         if len(args.args) != 2:
-            raise CliError("usage: corpus trace sample SHARD INDEX  (SHARD: train-00000.bin or packed:train)")
+            raise CliError(
+                "usage: corpus trace sample SHARD INDEX  "
+                "(SHARD: train-00000.bin, packed:train or train/00000/tokens.npy)"
+            )
         if args.replay:
             out = audit.replay_sample(lake, args.args[0], int(args.args[1]))
             print(json.dumps(out, indent=2, sort_keys=True, default=str))
