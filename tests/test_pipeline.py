@@ -15,7 +15,8 @@ from corpus.audit import verify
 from corpus.lake import read_version
 from corpus.loader import open_window_shards
 from corpus.release import latest_release, lineage
-from corpus.report import build_report, iter_decoded_stream
+from corpus.report import build_report, format_report, iter_decoded_stream
+from corpus.stages.training import open_packed_split
 from orchestration import cli
 from orchestration.definitions import build_definitions
 
@@ -167,6 +168,31 @@ def test_windows_union_equals_stream_windows(lakes: tuple[Path, Path, Path]) -> 
         x, y = dataset[i]
         assert x.tolist() == stream[starts[i] : starts[i] + 32].tolist()
         assert y.tolist() == stream[starts[i] + 1 : starts[i] + 33].tolist()
+
+
+def test_packed_shards_record_efficiency_and_load_as_one_split(lakes: tuple[Path, Path, Path]) -> None:
+    """Shards of packed_rows_per_shard rows: each states its efficiency, together they are the split's rows."""
+    _, lake, _ = lakes
+    report = build_report(lake)
+    packed = read_version(report["packing"]["manifest"])
+    length = packed.extra["max_length"]
+    train = report["packing"]["splits"]["train"]
+    shards = train["shards"]
+    assert len(shards) >= 3 and all(s["rows"] <= 96 for s in shards) and shards[-1]["rows"] <= 96
+    assert [s["first_row"] for s in shards] == list(np.cumsum([0] + [s["rows"] for s in shards[:-1]]))
+    assert (
+        sum(s["rows"] for s in shards) == train["rows"]
+        and sum(s["real_tokens"] for s in shards) == train["real_tokens"]
+    )
+    for s in shards:
+        assert s["efficiency"] == s["real_tokens"] / (s["rows"] * length)
+    assert train["efficiency"] == train["real_tokens"] / (train["rows"] * length)
+    dataset = open_packed_split(packed, "train")
+    assert len(dataset) == train["rows"] and len(dataset.shards) == len(shards)
+    batch = dataset.__getitems__([0, train["rows"] - 1])
+    assert int((batch["segment_ids"] >= 0).sum()) <= 2 * length
+    text = format_report(report)
+    assert f"train/{len(shards) - 1:05d}  rows {shards[-1]['first_row']:,}.." in text
 
 
 def test_verify_passes_then_catches_tampering(lakes: tuple[Path, Path, Path]) -> None:
