@@ -36,15 +36,18 @@ from corpus import masks
 from corpus.masks import block_causal_mask
 from corpus.packing import (
     concat_split_stats,
+    fill_rows,
     open_packed,
     pack,
     pad_to_max_stats,
+    plan_packing,
     save_packed,
 )
 from corpus.tokenizer import EOT_ID, get_encoding
 
 RESULTS = Path(__file__).resolve().parent / "results" / "packing.json"
 BATCH = 8
+SHARD_ROWS = 1024  # rows per packed shard for the multi-shard loader row
 ROUNDS = 5
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -215,9 +218,22 @@ def main(argv: list[str] | None = None) -> int:
                 batch["attention_mask"] = masks._position_mask(batch["position_ids"])
                 return batch
 
+            plan = plan_packing(stream, starts, lengths, length)
+            shard_dirs = []
+            for lo in range(0, plan.num_rows, SHARD_ROWS):
+                shard_dirs.append(Path(tmp) / f"{length}-shards" / f"{lo // SHARD_ROWS:05d}")
+                save_packed(shard_dirs[-1], fill_rows(plan, stream, lo, min(lo + SHARD_ROWS, plan.num_rows)))
+            sharded = open_packed(shard_dirs)
+            assert len(sharded) == len(plain)
             fetch_windows, n_windows, window_source = window_fetcher(stream, length)
             runs = [
                 ("packed, no mask", plain.__getitems__, len(plain), efficiency),
+                (
+                    f"packed, no mask, {len(shard_dirs)} shards of {SHARD_ROWS:,} rows",
+                    sharded.__getitems__,
+                    len(sharded),
+                    efficiency,
+                ),
                 ("packed + mask (block fill)", masked.__getitems__, len(masked), efficiency),
                 ("packed + block_causal_mask", vectorised, len(plain), efficiency),
                 ("packed + mask from position ids (one op)", from_positions, len(plain), efficiency),

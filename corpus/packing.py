@@ -30,6 +30,7 @@ offset in document) for every piece, so `PackedRows.trace(row, col)` is (documen
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -540,6 +541,14 @@ class PackedDataset:
         self.offsets = np.cumsum([0] + [shard.num_rows for shard in shards], dtype=np.int64)
         self.with_mask = with_mask
         self._paths: list[dict[str, Path]] | None = None  # set by open_packed: pickles as paths, not arrays
+        self._set_views()
+
+    def _set_views(self) -> None:
+        """Plain ndarray views of each shard's row arrays (no copy) and the dtypes that hold them all."""
+        self._views = [
+            (np.asarray(s.tokens), np.asarray(s.segment_ids), np.asarray(s.position_ids)) for s in self.shards
+        ]
+        self._dtypes = [np.result_type(*(views[k] for views in self._views)) for k in range(3)]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -551,12 +560,14 @@ class PackedDataset:
         state = self.__dict__.copy()
         if self._paths is not None:
             state["shards"] = None  # a DataLoader worker re-opens the memmaps instead of receiving copies
+            state["_views"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._paths is not None:
             self.shards = [_open_rows(located) for located in self._paths]
+            self._set_views()
 
     def _indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -585,27 +596,39 @@ class PackedDataset:
         return doc, offset
 
     def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens int64, segment ids int32, position ids int64) of dataset rows `idx`, one fancy-index per shard."""
+        """(tokens int64, segment ids int32, position ids int64) of dataset rows `idx`.
+
+        One batch usually touches several shards. Rows are taken shard by shard, in their stored dtypes,
+        into one buffer ordered by shard (`np.take` into a slice, from plain ndarray views of the memmaps:
+        a fancy index on an np.memmap costs twice as much), then put back in batch order and widened once
+        per field, so the per-shard work is three small copies.
+        """
         which = np.searchsorted(self.offsets, idx, side="right") - 1
         if not len(idx) or (which == which[0]).all():  # the whole batch in one shard
-            rows = self.shards[int(which[0]) if len(idx) else 0]
-            local = idx - self.offsets[which[0]] if len(idx) else idx
+            shard = int(which[0]) if len(idx) else 0
+            local = idx - self.offsets[shard]
+            views = self._views[shard]
             return (
-                np.asarray(rows.tokens[local], dtype=np.int64),
-                np.asarray(rows.segment_ids[local], dtype=np.int32),
-                np.asarray(rows.position_ids[local], dtype=np.int64),
+                views[0][local].astype(np.int64),
+                views[1][local].astype(np.int32, copy=False),
+                views[2][local].astype(np.int64),
             )
-        shape = (len(idx), self.max_length)
-        tokens = np.empty(shape, dtype=np.int64)
-        segments = np.empty(shape, dtype=np.int32)
-        positions = np.empty(shape, dtype=np.int64)
-        for shard in np.unique(which).tolist():
-            sel = np.flatnonzero(which == shard)
-            rows, local = self.shards[shard], idx[sel] - self.offsets[shard]
-            tokens[sel] = rows.tokens[local]
-            segments[sel] = rows.segment_ids[local]
-            positions[sel] = rows.position_ids[local]
-        return tokens, segments, positions
+        order = np.argsort(which, kind="stable")
+        by_shard = which[order]
+        local = idx[order] - self.offsets[by_shard]
+        bounds = [0, *(np.flatnonzero(by_shard[1:] != by_shard[:-1]) + 1).tolist(), len(idx)]
+        raw = [np.empty((len(idx), self.max_length), dtype=dtype) for dtype in self._dtypes]
+        for lo, hi in itertools.pairwise(bounds):
+            views = self._views[int(by_shard[lo])]
+            for k in range(3):
+                np.take(views[k], local[lo:hi], axis=0, out=raw[k][lo:hi], mode="clip")  # indices checked
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return (
+            raw[0].take(back, axis=0).astype(np.int64),
+            raw[1].take(back, axis=0).astype(np.int32, copy=False),
+            raw[2].take(back, axis=0).astype(np.int64),
+        )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """One row: the `__getitems__` fields without the batch dimension."""
