@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from corpus.lake import MANIFEST, Lake, LakeError, UpstreamRef, Version, manifest_version
-from corpus.layout import packed_shards
+from corpus.layout import PACKED_FILES, packed_shards
 from corpus.reconcile import reconcile
 from corpus.release import RELEASE_ASSET, latest_release, lineage, releases_dir
 
@@ -49,6 +49,7 @@ PACKED_CHUNK_TOKENS = 1 << 20
 PACKED_CHUNK_PIECES = 1 << 13
 SPLITS = ("train", "validation")
 PIECE_TABLE = ("piece_row", "piece_start", "piece_length", "piece_doc", "piece_doc_offset")
+PIECE_COVERAGE = ("piece_doc", "piece_doc_offset", "piece_length")
 
 
 # ---------------------------------------------------------------- problems and results
@@ -244,13 +245,15 @@ def _token_files(version: Version) -> dict[str, bool]:
         return {"tokens.bin": False}
     if version.asset == "mixed_tokens":
         return {f"{split}.bin": False for split in SPLITS}
+    # Entries lacking their path are reported by the structure checks; here they name no file.
     if version.asset == "training_windows":
-        return {str(s["path"]): False for s in extra.get("shards", [])}
+        return {str(s["path"]): False for s in extra.get("shards", []) if "path" in s}
     if version.asset == "packed_sequences":
         return {
             f"{shard['dir']}/tokens.npy": True
             for split in dict(extra.get("splits", {}))
             for shard in packed_shards(version, split)
+            if "dir" in shard
         }
     return {}
 
@@ -600,20 +603,88 @@ class _Verifier:
         length = int(version.extra["max_length"])
         for split, meta in dict(version.extra.get("splits", {})).items():
             shards = packed_shards(version, split)
-            if not shards:
+            if meta.get("rows") and not shards:
+                self.problem(version.manifest_path, "structure", f"{split} has {meta['rows']} rows but lists no shards")
+            if not shards or not self.packed_shard_table(version, split, meta, shards, length):
                 continue
-            self.packed_shard_table(version, split, meta, shards, length)
             with tempfile.TemporaryDirectory(prefix="corpus-verify-") as tmp:
                 docs = self._split_documents(mixed, split, Path(tmp)) if mixed is not None else None
                 stream = mixed.path / f"{split}.bin" if mixed is not None else None
                 for shard in shards:
                     self.packed_shard(version.path / str(shard["dir"]), shard, length, docs, stream)
+                if docs is not None:
+                    self.packed_coverage(version, split, shards, docs)
+
+    def packed_coverage(
+        self, version: Version, split: str, shards: Sequence[Mapping[str, Any]], docs: tuple[Path, Path, int]
+    ) -> None:
+        """Every token of every document of the split is in exactly one piece: per document, the pieces'
+        (offset, length) tile [0, length). Reads three int64 columns of the piece tables (24 bytes a piece)."""
+        try:
+            parts = [
+                [np.load(version.path / str(s["dir"]) / f"{n}.npy", mmap_mode="r") for n in PIECE_COVERAGE]
+                for s in shards
+            ]
+            doc, offset, length = (np.concatenate([np.asarray(p[k], dtype=np.int64) for p in parts]) for k in range(3))
+        except (OSError, ValueError) as exc:
+            self.problem(version.path / split, "structure", f"cannot read the piece tables: {exc}")
+            return
+        doc_lengths = np.fromfile(docs[1], dtype="<i8")
+        if doc.size and (doc.min() < 0 or doc.max() >= doc_lengths.size):
+            return  # reported by the shard checks
+        order = np.lexsort((offset, doc))
+        doc, offset, length = doc[order], offset[order], length[order]
+        first = np.ones(doc.size, dtype=bool)
+        first[1:] = doc[1:] != doc[:-1]
+        expected = np.where(first, 0, np.concatenate(([0], offset[:-1] + length[:-1])))
+        covered = np.zeros(doc_lengths.size, dtype=np.int64)
+        np.add.at(covered, doc, length)
+        gap = np.nonzero(offset != expected)[0]
+        if gap.size:
+            i = int(gap[0])
+            self.problem(
+                version.path / split,
+                "structure",
+                f"document {int(doc[i])}: a piece starts at token {int(offset[i])}, the pieces before end at "
+                f"{int(expected[i])} (a gap or an overlap)",
+                expected=int(expected[i]),
+                actual=int(offset[i]),
+            )
+        elif not np.array_equal(covered, doc_lengths):
+            i = int(np.nonzero(covered != doc_lengths)[0][0])
+            self.problem(
+                version.path / split,
+                "structure",
+                f"document {i} has {int(doc_lengths[i])} tokens, the packed pieces hold {int(covered[i])}",
+                expected=int(doc_lengths[i]),
+                actual=int(covered[i]),
+            )
 
     def packed_shard_table(
         self, version: Version, split: str, meta: Mapping[str, Any], shards: Sequence[Mapping[str, Any]], length: int
-    ) -> None:
-        """The manifest's shards of a split follow each other row by row, add up to the split's figures and
-        state their efficiency as real tokens / (rows x max_length)."""
+    ) -> bool:
+        """The manifest's shards of a split: complete entries, distinct directories that hold every file of
+        the split, rows that follow each other, totals that add up to the split's figures, and efficiency
+        stated as real tokens / (rows x max_length). False when the entries cannot be checked further."""
+        needed = ("dir", "first_row", "rows")
+        for number, shard in enumerate(shards):
+            missing = [key for key in needed if key not in shard]
+            if missing:
+                self.problem(version.manifest_path, "structure", f"{split} shard {number} has no {', '.join(missing)}")
+                return False
+        dirs = [str(shard["dir"]) for shard in shards]
+        if len(set(dirs)) != len(dirs):
+            again = next(d for d in dirs if dirs.count(d) > 1)
+            self.problem(version.manifest_path, "structure", f"{split} lists shard {again} more than once")
+            return False
+        listed = {f"{d}/{name}.npy" for d in dirs for name in PACKED_FILES}
+        unlisted = sorted(n for n in version.files if n.startswith(f"{split}/") and n not in listed)
+        if unlisted:
+            self.problem(
+                version.path / unlisted[0],
+                "structure",
+                f"in the manifest's files but in no {split} shard ({len(unlisted)} such files)",
+            )
         next_row = 0
         for shard in shards:
             stated = shard.get("efficiency")
@@ -646,6 +717,7 @@ class _Verifier:
                     expected=meta[key],
                     actual=total,
                 )
+        return True
 
     def packed_shard(
         self,
@@ -655,10 +727,7 @@ class _Verifier:
         docs: tuple[Path, Path, int] | None,
         stream: Path | None,
     ) -> None:
-        names = (
-            "tokens", "segment_ids", "position_ids", "cu_seqlens", "cu_seqlens_offsets",
-            "piece_row", "piece_start", "piece_length", "piece_doc", "piece_doc_offset",
-        )  # fmt: skip
+        names = PACKED_FILES
         if not all((base / f"{n}.npy").is_file() for n in names):
             return  # reported as missing files
         info = {n: npy_info(base / f"{n}.npy") for n in names}

@@ -10,6 +10,20 @@ from typing import Any
 
 from corpus.lake import Version
 
+# Arrays of one packed shard, one `<name>.npy` each, in this order (corpus.packing.save_packed writes them).
+PACKED_FILES = (
+    "tokens",
+    "segment_ids",
+    "position_ids",
+    "cu_seqlens",
+    "cu_seqlens_offsets",
+    "piece_row",
+    "piece_start",
+    "piece_length",
+    "piece_doc",
+    "piece_doc_offset",
+)
+
 
 def packed_shards(packed: Version, split: str) -> list[dict[str, Any]]:
     """A split's shards in row order: {dir, first_row, rows, pieces, real_tokens, efficiency}; [] without rows.

@@ -301,20 +301,50 @@ def croissant(lake_root: Path, release: Version | None = None) -> dict[str, Any]
         )
         distribution.append(obj)
         shard_ids.append(obj["@id"])
+    windows_set_id = f"{windows.path.relative_to(lake.root).as_posix()}/train-*.bin"
+    if shard_ids:
+        distribution.append(
+            {
+                "@type": "cr:FileSet",
+                "@id": windows_set_id,
+                "name": windows_set_id,
+                "description": "The train window shards, in name order.",
+                "encodingFormat": "application/octet-stream",
+                "includes": windows_set_id,
+            }
+        )
     packed_ids: dict[str, dict[str, str]] = {}
+    packed_root = packed.path.relative_to(lake.root).as_posix()
     for split in dict(packed.extra.get("splits", {})):
-        for shard in packed_shards(packed, split):
+        shards = packed_shards(packed, split)
+        for shard in shards:
             for name in sorted(n for n in packed.files if n.startswith(f"{shard['dir']}/")):
-                obj = _file_object(
-                    lake,
-                    packed,
-                    name,
-                    "application/x-npy",
-                    f"{split} packed rows {shard['first_row']}..{shard['first_row'] + shard['rows'] - 1}: NumPy "
-                    f"array {name.split('/')[-1]} (its rows count from 0).",
+                distribution.append(
+                    _file_object(
+                        lake,
+                        packed,
+                        name,
+                        "application/x-npy",
+                        f"{split} packed rows {shard['first_row']}..{shard['first_row'] + shard['rows'] - 1}: NumPy "
+                        f"array {name.split('/')[-1]} (its rows count from 0).",
+                    )
                 )
-                distribution.append(obj)
-                packed_ids.setdefault(split, {}).setdefault(Path(name).stem, obj["@id"])
+        if not shards:
+            continue
+        for array in ("tokens", "segment_ids", "position_ids"):
+            set_id = f"{packed_root}/{split}/*/{array}.npy"
+            distribution.append(
+                {
+                    "@type": "cr:FileSet",
+                    "@id": set_id,
+                    "name": set_id,
+                    "description": f"The {split} split's {array} arrays, one per shard directory in name order "
+                    f"({len(shards)} shards; shard k holds the split's rows from its manifest first_row on).",
+                    "encodingFormat": "application/x-npy",
+                    "includes": set_id,
+                }
+            )
+            packed_ids.setdefault(split, {})[array] = set_id
     stream_id = distribution[1]["@id"]
     schema = pq.read_schema(mixed.path / "stream_index.parquet")
     documents = {
@@ -350,7 +380,7 @@ def croissant(lake_root: Path, release: Version | None = None) -> dict[str, Any]
                 name,
                 "sc:Integer",
                 what,
-                {"fileObject": {"@id": shard_ids[0]}, "extract": {"fileProperty": "content"}},
+                {"fileSet": {"@id": windows_set_id}, "extract": {"fileProperty": "content"}},
                 isArray=True,
                 arrayShape=str(length),
             )
@@ -372,7 +402,7 @@ def croissant(lake_root: Path, release: Version | None = None) -> dict[str, Any]
                     name,
                     "sc:Integer",
                     what,
-                    {"fileObject": {"@id": packed_ids["train"][name]}, "extract": {"fileProperty": "content"}},
+                    {"fileSet": {"@id": packed_ids["train"][name]}, "extract": {"fileProperty": "content"}},
                     isArray=True,
                     arrayShape=str(length),
                 )
@@ -384,10 +414,10 @@ def croissant(lake_root: Path, release: Version | None = None) -> dict[str, Any]
                 "tokens",
                 "token ids",
                 f"Packed rows of exactly {length} tokens (best-fit decreasing; padding is token 50256 with segment "
-                "id -1), row r of the [rows, max_length] array of the first train shard; the split's rows continue "
-                "in its other shards (train/00001/, ...) in order. A shard's piece table (piece_row, piece_start, "
-                "piece_length, piece_doc, piece_doc_offset) maps every token to its document; piece_row counts the "
-                "shard's rows, piece_doc indexes the split's records of 'documents' in stream order.",
+                "id -1): the [rows, max_length] arrays of the train shards, concatenated in shard order. A shard's "
+                "piece table (piece_row, piece_start, piece_length, piece_doc, piece_doc_offset) maps every token to "
+                "its document; piece_row counts the shard's rows, piece_doc indexes the split's records of "
+                "'documents' in stream order.",
             ),
             (
                 "packed_segment_ids",

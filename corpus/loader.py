@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from corpus.lake import LakeError, Version, read_version
 from corpus.masks import block_causal_mask
+from corpus.packing import PackedDataset
 from corpus.tokenizer import ENDOFTEXT, get_encoding
 from corpus.windows import (
     IndexLike,
@@ -397,7 +398,10 @@ class ShardLoader:
             raise ValueError(f"build_mask needs packed batches with 'segment_ids', got {have}")
         if "attention_mask" in batch:
             return batch  # the dataset built one already (PackedDataset(with_mask=True))
-        return {**batch, "attention_mask": block_causal_mask(batch["segment_ids"], batch.get("position_ids"))}
+        # Position ids give the mask in one op on CUDA, but only for the packing layout: trusted from a
+        # PackedDataset, which writes it; any other dataset's batches get the segment-id mask.
+        positions = batch.get("position_ids") if isinstance(self.dataset, PackedDataset) else None
+        return {**batch, "attention_mask": block_causal_mask(batch["segment_ids"], positions)}
 
     def _mask(self, batch: Batch, indices: npt.NDArray[np.int64], epoch: int) -> Batch:
         assert self.mask_tokens is not None

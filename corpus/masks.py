@@ -18,11 +18,11 @@ Paths, chosen per call by device, by whether position ids are given and by $CORP
 - "triton" (CUDA default without position ids): one Triton kernel over the segment ids
   (corpus._mask_kernel), checked against "torch" on first use per device.
 - "torch": the segment formula in three torch ops (a segment of its own per pad, equality, causal AND).
-- "block_fill" (CPU default): numpy copies of each piece's triangle into calloc'ed zeros, touching
-  sum(l_i^2) <= L^2 cells a row. At B=8, one thread, it took 0.26 / 2.7 ms at L=1024 / 2048 (0.5 / 4.0 ms
-  with a first read of the whole mask) against 2.9 / 44 ms for "positions" (the CPU casts the int16
-  matrix to int64 first) and 2.9 / 26 ms for "torch", so the CPU keeps it whether or not position ids
-  are given.
+- "block_fill" (the CPU's default; not a value of the variable): numpy copies of each piece's triangle
+  into calloc'ed zeros, touching sum(l_i^2) <= L^2 cells a row. At B=8, one thread, it took 0.26 / 2.7 ms
+  at L=1024 / 2048 (0.5 / 4.0 ms with a first read of the whole mask) against 2.9 / 44 ms for "positions"
+  (the CPU casts the int16 matrix to int64 first) and 2.9 / 26 ms for "torch", so the CPU keeps it
+  whether or not position ids are given, unless a path is forced.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _distances(length: int, device: torch.device) -> torch.Tensor:
 
 def mask_path(device: torch.device, with_positions: bool) -> str:
     """The path `block_causal_mask` takes on `device` ("positions", "triton", "torch" or "block_fill")."""
-    forced = os.environ.get(ENV_MASK_KERNEL, "auto") or "auto"
+    forced = os.environ.get(ENV_MASK_KERNEL, "auto").strip().lower() or "auto"
     if forced not in MASK_PATHS:
         raise ValueError(f"${ENV_MASK_KERNEL}={forced!r}: expected one of {', '.join(MASK_PATHS)}")
     if forced == "torch" or (forced == "positions" and with_positions):

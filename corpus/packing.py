@@ -17,8 +17,8 @@ than concatenate-and-split there), and never lets a token attend across document
 `PackedDataset` builds the block-diagonal causal mask on request. The costs: rows mix documents in
 length order rather than corpus order (shuffle rows downstream), packing needs every document length up
 front (no streaming), and a dense mask is B x L x L booleans (32 MiB per batch at B=8, L=2,048), which
-costs ~98% of the loader's CPU throughput there (~1,100 instead of ~69,000 rows/s on one thread): build
-it on the accelerator from `segment_ids` (`block_causal_mask`), or use `cu_seqlens` with a varlen kernel.
+costs ~97% of the loader's CPU throughput there (benchmarks/packing.py): build it on the accelerator
+(corpus.masks.block_causal_mask, from position ids there), or use `cu_seqlens` with a varlen kernel.
 Pad-to-max (one document per row, truncated at L) and concatenate-and-split (attention crosses
 documents, and documents are cut at every row boundary) are measured beside it by `pad_to_max_stats` and
 `concat_split_stats`.
@@ -40,25 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from corpus.layout import PACKED_FILES
 from corpus.masks import block_causal_mask
 
 EOT_ID = 50256
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
-# Arrays written by `save_packed`, one `<name>.npy` each, in this order.
-PACKED_FILES = (
-    "tokens",
-    "segment_ids",
-    "position_ids",
-    "cu_seqlens",
-    "cu_seqlens_offsets",
-    "piece_row",
-    "piece_start",
-    "piece_length",
-    "piece_doc",
-    "piece_doc_offset",
-)
-# Output rows are filled a slice at a time so that the int64 index temporaries stay near 8 x 4M = 32 MB
-# instead of 24 bytes per packed token (360 MB for the default corpus's 15M tokens).
+# Output rows are filled a slice at a time so that the int64 index temporaries (about five arrays of 4M
+# entries, ~160 MB) stay bounded instead of growing by ~40 bytes per packed token.
 _FILL_CHUNK_TOKENS = 1 << 22
 
 
@@ -584,16 +572,18 @@ class PackedDataset:
         return shard, i - int(self.offsets[shard])
 
     def trace(self, rows: np.ndarray | int, cols: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
-        """(document index, token offset in the document) of each (dataset row, column); (-1, -1) on padding."""
-        r = self._indices(np.atleast_1d(rows))
-        c = np.broadcast_to(np.asarray(cols, dtype=np.int64), r.shape)
+        """(document index, token offset in the document) of each (dataset row, column), broadcast together;
+        (-1, -1) on padding."""
+        r_in, c_in = np.broadcast_arrays(np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64))
+        r = self._indices(r_in.ravel())
+        c = c_in.ravel()
         which = np.searchsorted(self.offsets, r, side="right") - 1
         doc = np.empty(r.shape, dtype=np.int64)
         offset = np.empty(r.shape, dtype=np.int64)
         for shard in np.unique(which).tolist():
             sel = which == shard
             doc[sel], offset[sel] = self.shards[shard].trace(r[sel] - self.offsets[shard], c[sel])
-        return doc, offset
+        return doc.reshape(r_in.shape), offset.reshape(r_in.shape)
 
     def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(tokens int64, segment ids int32, position ids int64) of dataset rows `idx`.
@@ -621,7 +611,10 @@ class PackedDataset:
         for lo, hi in itertools.pairwise(bounds):
             views = self._views[int(by_shard[lo])]
             for k in range(3):
-                np.take(views[k], local[lo:hi], axis=0, out=raw[k][lo:hi], mode="clip")  # indices checked
+                if views[k].dtype == raw[k].dtype:
+                    np.take(views[k], local[lo:hi], axis=0, out=raw[k][lo:hi], mode="clip")  # indices checked
+                else:  # shards of different token dtypes (uint16 and uint32): take, then widen
+                    raw[k][lo:hi] = views[k].take(local[lo:hi], axis=0)
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         return (

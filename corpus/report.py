@@ -133,6 +133,7 @@ def build_report(lake_root: Path) -> dict[str, Any]:
         },
         "packing": {
             "version": packed.version,
+            "max_length": packed.extra["max_length"],
             "splits": packed.extra["splits"],
             "comparison": packed.extra["comparison"],
             "manifest": str(packed.manifest_path),
@@ -155,7 +156,7 @@ def format_summary(report: dict[str, Any]) -> str:
         f"{w['validation_windows']:,} validation in {len(report['shards'])} shards"
     )
     packing = report["packing"]
-    length = int(w["max_length"])
+    length = int(packing["max_length"])
     for split, meta in packing["splits"].items():
         if meta.get("rows"):
             lines.append(

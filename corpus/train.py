@@ -181,7 +181,7 @@ def as_model_batch(batch: Batch, *, vocab_size: int = GPT2_VOCAB, max_length: in
         _check_range(labels, "labels", 0, vocab_size, allow=IGNORE_INDEX)
         if position_ids is not None:
             _check_range(position_ids, "position_ids", 0, max_length)
-            if segment_ids is not None:
+            if segment_ids is not None and attn_mask is None:  # the mask will be built from these positions
                 _check_packing_layout(segment_ids, position_ids)
         if not bool((labels != IGNORE_INDEX).any()):
             raise ValueError("no position in the batch has a label (all -100), so it carries no loss")

@@ -262,6 +262,35 @@ def test_tamper_packed_piece_table_is_caught_by_the_index_check(copy: Path) -> N
     ) or any(i.path == str(path) and i.kind == "structure" for i in result.issues)
 
 
+@pytest.mark.parametrize("edit", ["no shards", "duplicate", "dropped", "no dir"])
+def test_tamper_packed_shard_table_in_the_manifest(copy: Path, edit: str) -> None:
+    """A manifest edited to hide, repeat or drop packed shards is caught beside the manifest hash, never a crash."""
+    packed = version_of(copy, "packed_sequences")
+    manifest = json.loads(packed.manifest_path.read_text())
+    train = manifest["extra"]["splits"]["train"]
+    shards = train["shards"]
+    if edit == "no shards":
+        train["shards"] = []
+        expected = f"train has {train['rows']} rows but lists no shards"
+    elif edit == "duplicate":
+        shards[1]["dir"] = shards[0]["dir"]
+        expected = "train lists shard train/00000 more than once"
+    elif edit == "dropped":
+        last = shards.pop()
+        for key in ("rows", "pieces", "real_tokens"):
+            train[key] -= last[key]
+        expected = "in the manifest's files but in no train shard (10 such files)"
+    else:
+        del shards[0]["dir"]
+        expected = "train shard 0 has no dir"
+    packed.manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    result = verify(copy)
+    assert any("edited after it was written" in p for p in result.problems)
+    assert any(expected in p for p in result.problems), result.problems
+    if edit == "dropped":  # the documents whose pieces were in the dropped shard are no longer covered
+        assert any("the packed pieces hold" in p for p in result.problems), result.problems
+
+
 def test_cli_verify_exit_status_and_lines(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     windows = version_of(copy, "training_windows")
     (windows.path / "train-00000.bin").write_bytes(b"")

@@ -219,3 +219,35 @@ def test_training_batches_must_follow_the_packing_layout() -> None:
         as_model_batch(_packed_batch([0, 1, 0, 1, 2, 3], [0, 0, 1, 1, 1, -1]), max_length=8, vocab_size=10)
     with pytest.raises(ValueError, match="segment_ids row 0: a segment id comes back after another"):
         as_model_batch(_packed_batch([0, 1, 0, 1, 0, 0], [0, 0, 1, 1, 0, -1]), max_length=8, vocab_size=10)
+
+
+def test_a_batch_with_its_own_mask_needs_no_packing_layout() -> None:
+    """Positions are checked only when the mask will be built from them, not when the batch brings one."""
+    batch = _packed_batch([5, 6, 0, 1, 2, 0], [0, 0, 1, 1, 1, -1])  # a continuation piece: absolute positions
+    batch["attention_mask"] = masks._torch_mask(batch["segment_ids"])[:, None]
+    model_batch = as_model_batch(batch, max_length=8, vocab_size=10)
+    assert torch.equal(model_batch.attention(), batch["attention_mask"])
+
+
+class _OtherPacked:
+    """A packed-like dataset that is not a PackedDataset: its positions do not restart per segment."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        segments = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1]] * len(indices), dtype=torch.int32)
+        return {
+            "input_ids": torch.zeros(len(indices), 8, dtype=torch.int64),
+            "labels": torch.zeros(len(indices), 8, dtype=torch.int64),
+            "segment_ids": segments,
+            "position_ids": torch.arange(8).expand(len(indices), 8).clone(),
+        }
+
+
+@pytest.mark.parametrize("env", ["auto", "positions"])
+def test_loader_reads_positions_only_from_packed_datasets(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
+    monkeypatch.setenv(ENV_MASK_KERNEL, env)
+    for batch in ShardLoader(_OtherPacked(), 2, shuffle=False, build_mask=True):
+        assert isinstance(batch, dict)
+        assert torch.equal(batch["attention_mask"], masks._torch_mask(batch["segment_ids"])[:, None])

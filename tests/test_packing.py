@@ -406,6 +406,23 @@ def test_open_packed_shards_concatenates_and_pickles_as_paths(tmp_path) -> None:
         open_packed([])
 
 
+def test_dataset_over_shards_of_different_token_dtypes_and_broadcast_trace() -> None:
+    small = pack(*documents([5, 9, 3], seed=1), 8)
+    wide = pack(*documents([7, 2, 11], seed=2, high=70000), 8)
+    assert (small.tokens.dtype, wide.tokens.dtype) == (np.uint16, np.uint32)
+    dataset = PackedDataset([small, wide])
+    rows = [0, small.num_rows, small.num_rows + 1, 1]  # one batch across both shards
+    batch = dataset.__getitems__(rows)
+    expected = np.concatenate([small.tokens, wide.tokens]).astype(np.int64)[rows]
+    assert batch["input_ids"].dtype == torch.int64 and np.array_equal(batch["input_ids"].numpy(), expected)
+    # One row against every column, as PackedRows.trace allows; shapes broadcast and are kept.
+    doc, offset = dataset.trace(small.num_rows, np.arange(8))
+    assert doc.shape == offset.shape == (8,)
+    assert all(np.array_equal(a, b) for a, b in zip((doc, offset), wide.trace(0, np.arange(8)), strict=True))
+    doc, offset = dataset.trace(np.array([[0], [small.num_rows]]), np.arange(3))
+    assert doc.shape == (2, 3)
+
+
 def test_save_open_roundtrip_is_deterministic_and_memmapped(tmp_path) -> None:
     stream, starts, lens = documents([30, 2, 17, 9, 64, 1, 40], seed=5)
     packed = pack(stream, starts, lens, 32)

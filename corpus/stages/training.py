@@ -30,8 +30,12 @@ SMOKE_CODE_VERSION = "smoke_training/1"
 SCAN_CODE_VERSION = "poisoning_scan/1"
 
 
-def open_packed_split(packed: Version, split: str, *, with_mask: bool = True, verify: bool = True) -> Any:
-    """The packed rows of one split (all its shards, in row order), after re-hashing each of their files."""
+def open_packed_split(packed: Version, split: str, *, with_mask: bool = False, verify: bool = True) -> Any:
+    """The packed rows of one split (all its shards, in row order), after re-hashing each of their files.
+
+    Without `with_mask` batches carry no attention mask: the training step (or `ShardLoader(build_mask=True)`)
+    builds it where the batch is, on the GPU from position ids; `with_mask=True` builds it on the CPU here.
+    """
     shards = packed_shards(packed, split)
     if not shards:
         raise ValueError(f"packed_sequences {packed.version[:12]} has no {split!r} rows")
