@@ -620,6 +620,9 @@ class _Verifier:
     ) -> None:
         """Every token of every document of the split is in exactly one piece: per document, the pieces'
         (offset, length) tile [0, length). Reads three int64 columns of the piece tables (24 bytes a piece)."""
+        paths = [version.path / str(s["dir"]) / f"{n}.npy" for s in shards for n in PIECE_COVERAGE]
+        if not all(path.is_file() for path in paths):
+            return  # reported as missing files
         try:
             parts = [
                 [np.load(version.path / str(s["dir"]) / f"{n}.npy", mmap_mode="r") for n in PIECE_COVERAGE]

@@ -588,7 +588,18 @@ def test_croissant_lists_every_final_file_with_its_sha256(lake: Path, capsys: py
     assert doc["conformsTo"] == "http://mlcommons.org/croissant/1.1"
     assert doc["identifier"] == latest_release(lake).version
     windows, packed = version_of(lake, "training_windows"), version_of(lake, "packed_sequences")
-    files = {f["contentUrl"]: f for f in doc["distribution"]}
+    files = {f["contentUrl"]: f for f in doc["distribution"] if f["@type"] == "cr:FileObject"}
+    sets = {f["@id"]: f for f in doc["distribution"] if f["@type"] == "cr:FileSet"}
+    # The record sets read FileSets whose globs match every shard's file of that array, in shard order.
+    packed_root = packed.path.relative_to(lake).as_posix()
+    for array in ("tokens", "segment_ids", "position_ids"):
+        glob = f"{packed_root}/train/*/{array}.npy"
+        assert sets[glob]["includes"] == glob
+        matched = sorted(p.relative_to(lake).as_posix() for p in lake.glob(glob))
+        assert matched == [f"{packed_root}/{s['dir']}/{array}.npy" for s in packed_shards(packed, "train")]
+        assert len(matched) >= 3
+    windows_glob = f"{windows.path.relative_to(lake).as_posix()}/train-*.bin"
+    assert sets[windows_glob]["includes"] == windows_glob
     for version in (windows, packed):
         for name, entry in version.files.items():
             rel = (version.path / name).relative_to(lake).as_posix()
