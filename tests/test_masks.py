@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_packing import reference_mask
 
 from corpus import masks
 from corpus.loader import ShardLoader
@@ -24,15 +25,6 @@ def packed_rows(lengths: list[int], max_length: int, seed: int = 0, high: int = 
     starts = np.cumsum(lens + 1) - (lens + 1)
     stream = rng.integers(0, high, size=int((lens + 1).sum()), dtype=np.int64)
     return pack(stream, starts, lens, max_length, pad_id=0)
-
-
-def reference_mask(segments: np.ndarray) -> np.ndarray:
-    """[B, L, L] allowed (q, k): same piece and k <= q, or q == k (a pad attends to itself only)."""
-    length = segments.shape[1]
-    q = np.arange(length)[:, None]
-    k = np.arange(length)[None, :]
-    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0)
-    return (same & (k <= q)) | (q == k)
 
 
 @st.composite
