@@ -17,6 +17,9 @@
    variants), written to benchmarks/results/smoke_training_cuda.json.
 
 Figures go to benchmarks/results/gpu.json (or --out-dir). Run: `python benchmarks/gpu.py [--out-dir D]`.
+Needs torch (CUDA build, with Triton), numpy, pyarrow, pyyaml and tiktoken, not Dagster: on a bare GPU
+machine copy the verified GPT-2 ranks along (`.venv/share/corpus/r50k_base.tiktoken` after `make setup`)
+and point `CORPUS_GPT2_RANKS` at the copy. About 4 minutes on an H100.
 """
 
 from __future__ import annotations
