@@ -159,9 +159,10 @@ def format_summary(report: dict[str, Any]) -> str:
     length = int(packing["max_length"])
     for split, meta in packing["splits"].items():
         if meta.get("rows"):
+            count = len(meta.get("shards", [None]))  # one directory per split before packed_sequences/2
             lines.append(
                 f"packed {split} (L={length}): {meta['rows']:,} rows, efficiency {meta['efficiency']:.4f} "
-                f"in {len(meta.get('shards', [None]))} shards"
+                f"in {count} shard{'' if count == 1 else 's'}"
             )
     lines.append(f"duplicate ratio after dedup: {report['duplicates']['ratio']:.4f}")
     lines.append("mixture: " + ", ".join(f"{m['source']} {100 * m['realized_share']:.1f}%" for m in report["mixture"]))
