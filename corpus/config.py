@@ -484,6 +484,36 @@ class SourcesManifest:
 _SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceSpec)} - {"priority"}
 
 
+# Scalar field types (as annotations read under `from __future__ import annotations`) and what YAML must give.
+_SCALARS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
+def _check_scalars(cls: type, raw: Mapping[str, Any], where: str, prefix: str) -> None:
+    """Each scalar setting has its declared type (YAML's `true` is not an integer, `2.5` not a row count),
+    so a wrong value is named here instead of failing later inside a stage."""
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        kind = str(f.type).replace(" ", "")
+        optional = kind.endswith("|None")
+        base = kind.removesuffix("|None")
+        if base not in _SCALARS:
+            continue
+        value = raw[f.name]
+        if value is None and optional:
+            continue
+        types, want = _SCALARS[base]
+        if not isinstance(value, types) or (base != "bool" and isinstance(value, bool)):
+            raise ManifestError(
+                f"{where}: {prefix}{f.name} must be {want}{' or null' if optional else ''}, got {value!r}"
+            )
+
+
 def _section(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         return cls()
@@ -493,6 +523,8 @@ def _section(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ManifestError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    path, _, section = where.rpartition(": ")
+    _check_scalars(cls, raw, path, f"{section}.")
     try:
         return cls(**raw)
     except (TypeError, ValueError) as exc:
@@ -514,6 +546,7 @@ def _pipeline(raw: Any, where: str) -> PipelineConfig:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ManifestError(f"{where}: unknown pipeline key(s) {unknown}; known keys: {sorted(known)}")
+    _check_scalars(PipelineConfig, raw, where, "pipeline.")
     try:
         return PipelineConfig(**raw, **sections)
     except (TypeError, ValueError) as exc:

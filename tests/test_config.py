@@ -69,6 +69,34 @@ sources:
         ("pipeline: {max_length: 0}\nsources:\n  - {name: a, kind: pydoc_topics}\n", "max_length must be >= 1, got 0"),
         ("pipeline: {stride: -2}\nsources:\n  - {name: a, kind: pydoc_topics}\n", "stride must be >= 1, got -2"),
         ("pipeline: {encoding: cl100k}\nsources:\n  - {name: a, kind: pydoc_topics}\n", "only 'gpt2'"),
+        (
+            "pipeline: {packed_rows_per_shard: 0}\nsources:\n  - {name: a, kind: pydoc_topics}\n",
+            "packed_rows_per_shard must be >= 1, got 0",
+        ),
+        (
+            "pipeline: {packed_rows_per_shard: many}\nsources:\n  - {name: a, kind: pydoc_topics}\n",
+            "pipeline.packed_rows_per_shard must be an integer, got 'many'",
+        ),
+        (
+            "pipeline: {windows_per_shard: true}\nsources:\n  - {name: a, kind: pydoc_topics}\n",
+            "pipeline.windows_per_shard must be an integer, got True",
+        ),
+        (
+            "pipeline: {max_length: 2.5}\nsources:\n  - {name: a, kind: pydoc_topics}\n",
+            "pipeline.max_length must be an integer, got 2.5",
+        ),
+        (
+            "pipeline: {token_budget: lots}\nsources:\n  - {name: a, kind: pydoc_topics}\n",
+            "pipeline.token_budget must be an integer or null, got 'lots'",
+        ),
+        (
+            "pipeline: {dedup: {threshold: high}}\nsources:\n  - {name: a, kind: pydoc_topics}\n",
+            "pipeline.dedup.threshold must be a number, got 'high'",
+        ),
+        (
+            "pipeline: {training: {require_gpu: 1}}\nsources:\n  - {name: a, kind: pydoc_topics}\n",
+            "pipeline.training.require_gpu must be true or false, got 1",
+        ),
         ("pipeline: {typo: 1}\nsources:\n  - {name: a, kind: pydoc_topics}\n", "unknown pipeline key(s) ['typo']"),
         ("pipeline: {dedup: {bands: 20, rows: 8}}\nsources:\n  - {name: a, kind: pydoc_topics}\n", "exceeds"),
         ("sources:\n  - {name: a, kind: pydoc_topics, max_share: 2}\n", "max_share must be in [0, 1]"),
