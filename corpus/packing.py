@@ -670,7 +670,13 @@ def _load(path: Path, name: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError as exc:
-        raise ValueError(f"packed array {name!r}: {path} not found") from exc
+        shards = sorted(p.parent for p in path.parent.glob(f"*/{path.name}"))
+        hint = (
+            f"; {path.parent} holds {len(shards)} shard directories ({shards[0].name}, ...): pass them as a list"
+            if shards
+            else ""
+        )
+        raise ValueError(f"packed array {name!r}: {path} not found{hint}") from exc
     except ValueError as exc:
         raise ValueError(f"packed array {name!r}: {path} is not a valid .npy file: {exc}") from exc
 

@@ -404,6 +404,8 @@ def test_open_packed_shards_concatenates_and_pickles_as_paths(tmp_path) -> None:
     assert len(pickle.dumps(dataset)) < 4096  # paths, not arrays
     with pytest.raises(ValueError, match="no packed shards"):
         open_packed([])
+    with pytest.raises(ValueError, match=r"holds \d+ shard directories \(00000, ...\): pass them as a list"):
+        open_packed(tmp_path)  # the split's directory, not its shards
 
 
 def test_dataset_over_shards_of_different_token_dtypes_and_broadcast_trace() -> None:
