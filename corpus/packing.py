@@ -377,7 +377,7 @@ def fill_rows(plan: PackingPlan, stream: np.ndarray, row_lo: int = 0, row_hi: in
     """Rows row_lo..row_hi-1 of `plan` as a self-contained PackedRows (its rows and piece_row count from 0).
 
     `piece_doc` keeps indexing the planned documents, so rows written in several ranges still trace to the
-    same documents. Memory: the range's row arrays, plus index temporaries of at most ~32 MB.
+    same documents. Memory: the range's row arrays, plus index temporaries bounded by _FILL_CHUNK_TOKENS.
     """
     row_hi = plan.num_rows if row_hi is None else row_hi
     if not 0 <= row_lo <= row_hi <= plan.num_rows:

@@ -21,7 +21,7 @@ from corpus.lake import Version, VersionWriter
 from corpus.layout import packed_shards
 from corpus.loader import ShardLoader, open_window_shards
 from corpus.model import TinyGPT
-from corpus.packing import PACKED_FILES, open_packed
+from corpus.packing import PACKED_FILES, PackedDataset, open_packed
 from corpus.poison import gradient_similarity_scan
 from corpus.stages import StageOutput
 from corpus.train import SmokeResult, loss_chart_png, smoke_train
@@ -30,7 +30,7 @@ SMOKE_CODE_VERSION = "smoke_training/1"
 SCAN_CODE_VERSION = "poisoning_scan/1"
 
 
-def open_packed_split(packed: Version, split: str, *, with_mask: bool = False, verify: bool = True) -> Any:
+def open_packed_split(packed: Version, split: str, *, with_mask: bool = False, verify: bool = True) -> PackedDataset:
     """The packed rows of one split (all its shards, in row order), after re-hashing each of their files.
 
     Without `with_mask` batches carry no attention mask: the training step (or `ShardLoader(build_mask=True)`)
