@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from corpus.lake import LakeError, Version, read_version
-from corpus.masks import block_causal_mask
+from corpus.masks import block_causal_mask, mask_path
 from corpus.packing import PackedDataset
 from corpus.tokenizer import ENDOFTEXT, get_encoding
 from corpus.windows import (
@@ -300,6 +300,8 @@ class ShardLoader:
         if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: CUDA is not available on this machine")
         self.build_mask = bool(build_mask)
+        if self.build_mask:  # a bad $CORPUS_MASK_KERNEL fails here, not at the first batch
+            mask_path(self.device or torch.device("cpu"), isinstance(dataset, PackedDataset))
         # Copies to a GPU come from pinned memory so that they can overlap with compute (non_blocking).
         on_gpu = self.device is not None and self.device.type == "cuda"
         self.pin_memory = (pin_memory or on_gpu) and torch.cuda.is_available()

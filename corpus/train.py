@@ -45,7 +45,7 @@ import torch
 
 from corpus.charts import new_chart, png_bytes
 from corpus.config import TrainingConfig
-from corpus.masks import block_causal_mask
+from corpus.masks import block_causal_mask, mask_path
 from corpus.model import GPT2_VOCAB, IGNORE_INDEX, GPTConfig, TinyGPT, lm_loss
 
 Batch = tuple[Any, Any] | Mapping[str, Any]
@@ -379,6 +379,7 @@ def smoke_train(
     if cfg.steps < 2:
         raise ValueError(f"training.steps must be >= 2 to compare first and last losses, got {cfg.steps}")
     dev = resolve_device(device, require_gpu=cfg.require_gpu)
+    mask_path(dev, with_positions=True)  # a bad $CORPUS_MASK_KERNEL fails before the model is built
     autocast, precision = _autocast(dev)
     model_cfg = GPTConfig.from_training(cfg, max_length=max_length, vocab_size=vocab_size)
     val = _materialize_val(val_batches, cfg.eval_batches, vocab_size, max_length)

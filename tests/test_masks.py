@@ -8,11 +8,12 @@ from hypothesis import strategies as st
 from test_packing import reference_mask
 
 from corpus import masks
+from corpus.config import TrainingConfig
 from corpus.loader import ShardLoader
 from corpus.masks import ENV_MASK_KERNEL, block_causal_mask, mask_path
 from corpus.model import GPTConfig, TinyGPT
 from corpus.packing import PackedDataset, PackedRows, pack
-from corpus.train import as_model_batch
+from corpus.train import as_model_batch, smoke_train
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # a device object only: nothing here runs on a GPU
@@ -243,3 +244,14 @@ def test_loader_reads_positions_only_from_packed_datasets(monkeypatch: pytest.Mo
     for batch in ShardLoader(_OtherPacked(), 2, shuffle=False, build_mask=True):
         assert isinstance(batch, dict)
         assert torch.equal(batch["attention_mask"], masks._torch_mask(batch["segment_ids"])[:, None])
+
+
+def test_bad_env_value_fails_when_the_loader_or_training_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at the first batch, after the shards were verified and the model built."""
+    monkeypatch.setenv(ENV_MASK_KERNEL, "flash")
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\$CORPUS_MASK_KERNEL='flash'"):
+        ShardLoader(dataset, 2, build_mask=True)  # type: ignore[arg-type]
+    ShardLoader(dataset, 2)  # type: ignore[arg-type]  # no mask asked for: the variable is not read
+    with pytest.raises(ValueError, match=r"\$CORPUS_MASK_KERNEL='flash'"):
+        smoke_train([], [], TrainingConfig(), max_length=3, seed=0)
