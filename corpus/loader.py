@@ -7,6 +7,7 @@
 - `open_window_shards` opens a `training_windows` lake version: every shard file listed in the manifest
   is re-hashed (sha256, ~1-2 GB/s) before anything is served, token and window counts are checked, and
   the shards are memory-mapped, so a tampered or truncated shard is refused instead of trained on.
+  `open_packed_shards` does the same for a `packed_sequences` version (all splits' shard files re-hashed).
 - `ShardLoader` iterates any batched dataset in a permutation fixed by (seed, epoch), split disjointly
   across data-parallel ranks, optionally masking 1-3 target tokens per sample (memorisation control), and
   can resume at exactly the next unseen batch from `state_dict()`. Batches are gathered with one
@@ -22,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,8 +36,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from corpus.lake import LakeError, Version, read_version
+from corpus.layout import PACKED_FILES, packed_shards
 from corpus.masks import block_causal_mask, mask_path
-from corpus.packing import PackedDataset
+from corpus.packing import PackedDataset, open_packed
 from corpus.tokenizer import ENDOFTEXT, get_encoding
 from corpus.windows import (
     IndexLike,
@@ -207,6 +210,36 @@ def open_window_shards(manifest_path: str | Path, split: str = "train", verify: 
     return WindowShards(shards, split=split, version=version)
 
 
+def open_packed_shards(
+    manifest: str | Path | Version, split: str = "train", *, verify: bool = True, with_mask: bool = False
+) -> PackedDataset:
+    """A split of a `packed_sequences` version as one PackedDataset (its shards in row order).
+
+    `manifest` is the version's manifest.json path or an opened Version. With `verify` every packed file
+    of the version, all splits, is re-hashed first (as `open_window_shards` does): a version is verified
+    as a whole before any byte of it is served. Without `with_mask` batches carry no attention mask: the
+    training step or `ShardLoader(build_mask=True)` builds it where the batch is.
+    """
+    version = manifest if isinstance(manifest, Version) else read_version(manifest)
+    splits = version.extra.get("splits")
+    if not isinstance(splits, Mapping):
+        raise LakeError(f"{version.manifest_path}: manifest extra has no 'splits' (not a packed_sequences manifest)")
+    shards = packed_shards(version, split)
+    if not shards:
+        have = [name for name in splits if packed_shards(version, name)]
+        raise ValueError(
+            f"split {split!r} has no packed rows in {version.manifest_path} "
+            f"(splits with rows: {', '.join(have) or 'none'})"
+        )
+    if verify:
+        every = [shard["dir"] for name in splits for shard in packed_shards(version, name)]
+        version.verify_files([f"{directory}/{name}.npy" for directory in every for name in PACKED_FILES])
+    dataset = open_packed([version.path / shard["dir"] for shard in shards], with_mask=with_mask)
+    dataset.version = version
+    dataset.split = split
+    return dataset
+
+
 class BatchedDataset(Protocol):
     def __len__(self) -> int: ...
 
@@ -223,25 +256,54 @@ def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+@functools.lru_cache(maxsize=8)
+def _position_hashes(length: int) -> npt.NDArray[np.uint64]:
+    return _mix64(np.arange(1, length + 1, dtype=np.uint64))
+
+
 def mask_positions(
-    seed: int, epoch: int, sample_indices: npt.NDArray[np.int64], length: int, lo: int, hi: int
+    seed: int,
+    epoch: int,
+    sample_indices: npt.NDArray[np.int64],
+    length: int,
+    lo: int,
+    hi: int,
+    eligible: npt.NDArray[np.bool_] | None = None,
 ) -> npt.NDArray[np.bool_]:
     """[B, length] mask with lo..hi True per row, a function of (seed, epoch, sample index) only.
 
     A counter-based hash instead of one RNG per sample keeps it vectorised and independent of batch
-    composition, rank and resume point: sample i is masked the same way wherever it is served.
+    composition, rank and resume point: sample i is masked the same way wherever it is served. Each row's
+    positions are ranked by their hash and the first lo..hi are masked; only the hi smallest are found
+    (argpartition, O(L) per row, not a sort). With `eligible` [B, length], positions where it is False
+    (targets that are already -100: padding, piece ends) are never chosen, so a row has min(count,
+    eligible positions) masked and the mask always removes real targets. Rows whose positions are all
+    eligible get the same mask as without `eligible`.
     """
     assert 0 <= lo <= hi <= length, f"mask range {lo}..{hi} for length {length}"
+    n = len(sample_indices)
     base = _mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(epoch))
     keys = _mix64(base ^ (_mix64(sample_indices.astype(np.uint64) + np.uint64(1)) * _GOLDEN))
     counts = lo + (keys % np.uint64(hi - lo + 1)).astype(np.int64)
-    position_keys = _mix64(keys[:, None] ^ _mix64(np.arange(1, length + 1, dtype=np.uint64))[None, :])
-    # A random permutation of the positions per row; the first counts[b] of them are masked.
-    order = np.argsort(position_keys, axis=1, kind="stable")
-    mask = np.zeros((len(sample_indices), length), dtype=bool)
+    mask = np.zeros((n, length), dtype=bool)
+    if hi == 0 or n == 0:
+        return mask
+    # Distinct per row: _mix64 is a bijection and the XOR-ed position hashes are distinct.
+    position_keys = _mix64(keys[:, None] ^ _position_hashes(length)[None, :])
+    if eligible is not None:
+        assert eligible.shape == (n, length), f"eligible {eligible.shape} for {n} rows of {length}"
+        position_keys[~eligible] = np.iinfo(np.uint64).max  # ranked last; excluded below
+    if hi < length:
+        smallest = np.argpartition(position_keys, hi - 1, axis=1)[:, :hi]
+    else:
+        smallest = np.broadcast_to(np.arange(length), (n, length))
+    by_key = np.argsort(np.take_along_axis(position_keys, smallest, axis=1), axis=1)
+    order = np.take_along_axis(smallest, by_key, axis=1)  # [B, hi]: each row's hi first positions, in order
     chosen = np.arange(hi)[None, :] < counts[:, None]
-    rows = np.broadcast_to(np.arange(len(sample_indices))[:, None], (len(sample_indices), hi))
-    mask[rows[chosen], order[:, :hi][chosen]] = True
+    if eligible is not None:
+        chosen &= np.take_along_axis(eligible, order, axis=1)
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, hi))
+    mask[rows[chosen], order[chosen]] = True
     return mask
 
 
@@ -311,10 +373,11 @@ class ShardLoader:
         self._cache: tuple[int, npt.NDArray[np.int64], int] | None = None
         counts = [len(range(r, self.num_samples, world_size)) for r in range(world_size)]
         per_rank = [self._batches_for(c, min(counts)) for c in counts]
-        if per_rank[rank] == 0:
+        if 0 in per_rank:  # on every rank: one rank without batches would leave the others' collectives waiting
+            empty = per_rank.index(0)
             raise ValueError(
-                f"no batches: {self.num_samples} samples over world_size={world_size} ranks give rank {rank} "
-                f"{counts[rank]} samples, fewer than batch_size={batch_size} with drop_last={drop_last}"
+                f"no batches: {self.num_samples} samples over world_size={world_size} ranks give rank {empty} "
+                f"{counts[empty]} samples, fewer than batch_size={batch_size} with drop_last={drop_last}"
             )
         if len(set(per_rank)) > 1:
             logger.warning(
@@ -334,12 +397,18 @@ class ShardLoader:
         """Batches this rank serves per epoch."""
         return self._rank_order(self.epoch)[1]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch `epoch` from its first batch at the next iteration."""
+    def set_epoch(self, epoch: int, *, restart: bool = False) -> None:
+        """Serve epoch `epoch` at the next iteration: from its first batch when it is another epoch.
+
+        The current epoch keeps its place unless `restart`: the `DistributedSampler` pattern
+        (`loader.set_epoch(epoch)` before each epoch's loop) after `load_state_dict` resumes at the next
+        unseen batch instead of serving the epoch's first batches again. `restart=True` replays it.
+        """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self.epoch = epoch
-        self.next_batch = 0
+        if epoch != self.epoch or restart:
+            self.epoch = epoch
+            self.next_batch = 0
 
     def epoch_order(self, epoch: int) -> npt.NDArray[np.int64]:
         """All sample indices of epoch `epoch`, in serving order, before the split across ranks."""
@@ -420,17 +489,23 @@ class ShardLoader:
         length = targets.shape[-1]
         if hi > length:
             raise ValueError(f"mask_tokens hi={hi} exceeds the {length} target positions per sample")
-        mask = torch.from_numpy(mask_positions(self.seed, epoch, indices, length, lo, hi))
+        eligible = (targets != IGNORE_INDEX).numpy()  # padding and piece ends carry no target to hide
+        mask = torch.from_numpy(mask_positions(self.seed, epoch, indices, length, lo, hi, eligible))
         masked = targets.masked_fill(mask, IGNORE_INDEX)  # a new tensor: the dataset's memory stays untouched
         if isinstance(batch, dict):
             return {**batch, key: masked}
         return (batch[0], masked, *batch[2:])
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this rank stands: resuming from it serves exactly the batches not yet served."""
+        """Where this rank stands: resuming from it serves exactly the batches not yet served.
+
+        `dataset` names the data (the lake version and split of shards opened from a manifest, else None).
+        `rank` is informational: ranks step in lockstep, so the state rank 0 saves resumes every rank.
+        """
         return {
             "epoch": self.epoch,
             "next_batch": self.next_batch,
+            "dataset": _dataset_id(self.dataset),
             "seed": self.seed,
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
@@ -445,12 +520,15 @@ class ShardLoader:
         """Resume from `state_dict()`; ValueError when the state was made with other settings or data."""
         mine = self.state_dict()
         for key in mine:
-            if key not in state:
+            if key not in state and key not in ("dataset", "rank"):  # states saved before they were recorded
                 raise ValueError(f"loader state has no {key!r}")
-        for key in ("seed", "num_samples", "batch_size", "shuffle", "drop_last", "rank", "world_size", "mask_tokens"):
+        for key in ("seed", "num_samples", "batch_size", "shuffle", "drop_last", "world_size", "mask_tokens"):
             theirs = list(state[key]) if key == "mask_tokens" and state[key] is not None else state[key]
             if theirs != mine[key]:
                 raise ValueError(f"loader state has {key}={state[key]!r}, but this loader has {key}={mine[key]!r}")
+        theirs, ours = state.get("dataset"), mine["dataset"]
+        if theirs is not None and ours is not None and theirs != ours:
+            raise ValueError(f"loader state was saved over {theirs}, but this loader serves {ours}")
         epoch, next_batch = state["epoch"], state["next_batch"]
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"loader state has epoch={epoch!r}, expected an integer >= 0")
@@ -459,6 +537,14 @@ class ShardLoader:
             raise ValueError(f"loader state has next_batch={next_batch!r}, expected 0..{n_batches}")
         self.epoch = epoch
         self.next_batch = next_batch
+
+
+def _dataset_id(dataset: object) -> str | None:
+    """'asset/partition/version:split' for shards opened from a lake manifest; None for other datasets."""
+    version, split = getattr(dataset, "version", None), getattr(dataset, "split", None)
+    if not isinstance(version, Version):
+        return None
+    return f"{version.asset}/{version.partition}/{version.version}:{split}"
 
 
 def _as_stacked(raw: Any, size: int) -> Batch:

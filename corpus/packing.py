@@ -529,6 +529,10 @@ class PackedDataset:
         self.offsets = np.cumsum([0] + [shard.num_rows for shard in shards], dtype=np.int64)
         self.with_mask = with_mask
         self._paths: list[dict[str, Path]] | None = None  # set by open_packed: pickles as paths, not arrays
+        # The lake version and split the rows come from (corpus.loader.open_packed_shards sets them); they
+        # name the data in a ShardLoader's state_dict.
+        self.version: Any = None
+        self.split: str | None = None
         self._set_views()
 
     def _set_views(self) -> None:
@@ -644,6 +648,14 @@ class PackedDataset:
         return out
 
 
+def collate_packed(batch: Any) -> Any:
+    """`collate_fn` for a torch DataLoader over a PackedDataset, whose `__getitems__` already stacks a batch
+    (the default collate would index that dict as a list of samples); a list of `__getitem__` rows is stacked."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    return torch.utils.data.default_collate(batch)
+
+
 def _target_paths(target: str | os.PathLike[str] | Callable[[str], Path]) -> Callable[[str], Path]:
     if callable(target):
         return target
@@ -712,7 +724,8 @@ def open_packed(paths: PackedPaths | Sequence[PackedPaths], *, with_mask: bool =
     """Memory-map saved rows: a directory holding `<name>.npy`, or a mapping from array or file name to path,
     or a list of those (shards, concatenated in list order).
 
-    Shapes and dtypes are checked here; content hashes are the lake's job (`Version.verify_files`).
+    Shapes and dtypes are checked here, content hashes are not (a directory carries none):
+    `corpus.loader.open_packed_shards` opens a lake version's split after re-hashing its files.
     """
     shards = [paths] if isinstance(paths, str | os.PathLike | Mapping) else list(paths)
     if not shards:

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import pickle
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -9,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corpus.lake import Lake
-from corpus.loader import ShardLoader
+from corpus.lake import Lake, LakeError, Version
+from corpus.loader import ShardLoader, open_packed_shards
 from corpus.masks import block_causal_mask
 from corpus.packing import (
     IGNORE_INDEX,
@@ -18,6 +21,7 @@ from corpus.packing import (
     PackedDataset,
     PackedRows,
     best_fit_decreasing,
+    collate_packed,
     concat_split_stats,
     fill_rows,
     open_packed,
@@ -527,3 +531,133 @@ def test_block_causal_mask_block_fill_equals_full_comparison() -> None:
     odd = torch.tensor([[0, 0, 1, 1, 0, -1]], dtype=torch.int32)
     assert torch.equal(block_causal_mask(odd), _full_comparison_mask(odd))
     assert bool(block_causal_mask(odd)[0, 0, 4, 0])  # same id, earlier position: allowed, as the comparison says
+
+
+# --- a packed_sequences lake version, opened and loaded as a training run would ------------------------
+
+
+def _packed_version(root: Path, per_shard: int = 4) -> tuple[Version, PackedRows]:
+    """A packed_sequences-shaped version: train in shards of `per_shard` rows, validation in one shard."""
+    stream, starts, lens = documents([30, 2, 17, 9, 64, 1, 40, 3, 3, 12, 25, 31, 8, 19], seed=21)
+    whole = pack(stream, starts, lens, 32)
+    plan = plan_packing(stream, starts, lens, 32)
+    splits: dict[str, dict[str, Any]] = {"train": {"rows": plan.num_rows, "shards": []}}
+    with Lake(root).writer("packed_sequences") as writer:
+        for number, lo in enumerate(range(0, plan.num_rows, per_shard)):
+            rows = fill_rows(plan, stream, lo, min(lo + per_shard, plan.num_rows))
+            where = f"train/{number:05d}"
+            save_packed(lambda name, w=where: writer.path(f"{w}/{name}"), rows)
+            splits["train"]["shards"].append({"dir": where, "first_row": lo, "rows": rows.num_rows})
+        val = pack(*documents([20, 9, 4], seed=22), 32)
+        save_packed(lambda name: writer.path(f"validation/00000/{name}"), val)
+        shard = {"dir": "validation/00000", "first_row": 0, "rows": val.num_rows}
+        splits["validation"] = {"rows": val.num_rows, "shards": [shard]}
+        version = writer.commit(code_version="1", config={}, extra={"max_length": 32, "splits": splits})
+    return version, whole
+
+
+def test_open_packed_shards_verifies_the_whole_version_and_names_the_data(tmp_path: Path) -> None:
+    version, whole = _packed_version(tmp_path)
+    by_path = open_packed_shards(version.manifest_path, "train")
+    by_version = open_packed_shards(version, "train")
+    assert len(by_path) == len(by_version) == whole.num_rows and len(by_path.shards) == 3
+    batch = by_path.__getitems__([0, whole.num_rows - 1])
+    assert torch.equal(batch["input_ids"], PackedDataset(whole).__getitems__([0, whole.num_rows - 1])["input_ids"])
+    state = ShardLoader(by_path, 2).state_dict()
+    assert state["dataset"] == f"packed_sequences/_all/{version.version}:train"
+    with pytest.raises(ValueError, match=r"split 'test' has no packed rows .* \(splits with rows: train, validation\)"):
+        open_packed_shards(version, "test")
+    # Opening train re-hashes validation too: a version is served only when all of it is intact.
+    damaged = version.path / "validation/00000/tokens.npy"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(LakeError, match=r"validation/00000/tokens\.npy"):
+        open_packed_shards(version, "train")
+    assert len(open_packed_shards(version, "train", verify=False)) == whole.num_rows
+
+
+def test_open_packed_shards_refuses_a_manifest_of_another_kind(tmp_path: Path) -> None:
+    with Lake(tmp_path).writer("training_windows") as writer:
+        writer.path("x.bin").write_bytes(b"x")
+        version = writer.commit(code_version="1", config={}, extra={"max_length": 8})
+    with pytest.raises(LakeError, match="no 'splits' \\(not a packed_sequences manifest\\)"):
+        open_packed_shards(version.manifest_path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_dataloader_over_packed_rows_with_collate_packed(tmp_path: Path, workers: int) -> None:
+    version, _ = _packed_version(tmp_path)
+    dataset = open_packed_shards(version, "train")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=workers, collate_fn=collate_packed)
+    batches = list(loader)
+    assert sum(len(b["input_ids"]) for b in batches) == len(dataset)
+    first = dataset.__getitems__([0, 1, 2])
+    assert batches[0].keys() == first.keys() and all(torch.equal(batches[0][k], first[k]) for k in first)
+    assert collate_packed([dataset[0], dataset[1]])["labels"].shape == (2, 32)  # rows from __getitem__
+
+
+def test_token_masking_of_packed_rows_hides_only_real_targets(tmp_path: Path) -> None:
+    version, _ = _packed_version(tmp_path)
+    dataset = open_packed_shards(version, "train")
+    plain = _loader_batches(ShardLoader(dataset, 4, seed=3))
+    masked = _loader_batches(ShardLoader(dataset, 4, seed=3, mask_tokens=(1, 3)))
+    for a, b in zip(plain, masked, strict=True):
+        hidden = (b["labels"] == IGNORE_INDEX) & (a["labels"] != IGNORE_INDEX)
+        assert torch.equal(b["labels"][~hidden], a["labels"][~hidden])
+        real = (a["labels"] != IGNORE_INDEX).sum(dim=1)
+        assert ((hidden.sum(dim=1) >= torch.clamp(real, max=1)) & (hidden.sum(dim=1) <= 3)).all()
+        assert (hidden.sum(dim=1) <= real).all()
+
+
+def test_loader_state_resumes_any_rank_and_refuses_other_data(tmp_path: Path) -> None:
+    version, _ = _packed_version(tmp_path)
+    dataset = open_packed_shards(version, "train")
+    ranks = [ShardLoader(dataset, 1, seed=5, rank=r, world_size=2, drop_last=True) for r in range(2)]
+    for loader in ranks:
+        _loader_batches_limit(loader, 2)
+    saved = json.loads(json.dumps(ranks[0].state_dict()))  # only rank 0 writes the checkpoint
+    resumed = ShardLoader(dataset, 1, seed=5, rank=1, world_size=2, drop_last=True)
+    resumed.load_state_dict(saved)
+    rest = _loader_batches(ranks[1])
+    again = _loader_batches(resumed)
+    assert len(rest) == len(again) > 0
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(rest, again, strict=True))
+    other = ShardLoader(open_packed_shards(version, "validation"), 1, seed=5, rank=1, world_size=2, drop_last=True)
+    with pytest.raises(ValueError, match=f"saved over packed_sequences/_all/{version.version}:train"):
+        other.load_state_dict({**saved, "num_samples": other.num_samples})
+    other.load_state_dict({**saved, "num_samples": other.num_samples, "dataset": None, "next_batch": 0})
+
+
+def test_set_epoch_keeps_a_resumed_epoch_unless_restarted(tmp_path: Path) -> None:
+    version, _ = _packed_version(tmp_path)
+    dataset = open_packed_shards(version, "train")
+    reference = [b["input_ids"] for b in _loader_batches(ShardLoader(dataset, 2, seed=9))]
+    first = ShardLoader(dataset, 2, seed=9)
+    head = [b["input_ids"] for b in _loader_batches_limit(first, 2)]
+    resumed = ShardLoader(dataset, 2, seed=9)
+    resumed.load_state_dict(first.state_dict())
+    resumed.set_epoch(0)  # the DistributedSampler pattern before the epoch's loop: no replay
+    tail = [b["input_ids"] for b in _loader_batches(resumed)]
+    assert len(head + tail) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, reference, strict=True))
+    resumed.set_epoch(0, restart=True)
+    assert all(torch.equal(a["input_ids"], b) for a, b in zip(_loader_batches(resumed), reference, strict=True))
+
+
+def test_no_rank_builds_a_loader_when_one_rank_would_get_no_batches() -> None:
+    packed = pack(*documents([20, 25, 30, 31, 32], seed=2), 32)  # no two fit one row: 5 rows
+    dataset = PackedDataset(packed)
+    assert len(dataset) == 5
+    for rank in range(8):  # not only ranks 5-7: ranks 0-4 would wait for them in every collective
+        with pytest.raises(ValueError, match="no batches: 5 samples over world_size=8 ranks give rank 5 0 samples"):
+            ShardLoader(dataset, 1, rank=rank, world_size=8)
+
+
+def _loader_batches_limit(loader: ShardLoader, limit: int) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for batch in loader:
+        out.append(dict(batch))  # type: ignore[arg-type]
+        if len(out) == limit:
+            break
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,9 @@ import pyarrow.parquet as pq
 
 from corpus.config import PipelineConfig
 from corpus.lake import Version, VersionWriter
-from corpus.layout import packed_shards
-from corpus.loader import ShardLoader, open_window_shards
+from corpus.loader import ShardLoader, open_packed_shards, open_window_shards
 from corpus.model import TinyGPT
-from corpus.packing import PACKED_FILES, PackedDataset, open_packed
+from corpus.packing import PackedDataset
 from corpus.poison import gradient_similarity_scan
 from corpus.stages import StageOutput
 from corpus.train import SmokeResult, loss_chart_png, smoke_train
@@ -30,18 +30,11 @@ SMOKE_CODE_VERSION = "smoke_training/1"
 SCAN_CODE_VERSION = "poisoning_scan/1"
 
 
-def open_packed_split(packed: Version, split: str, *, with_mask: bool = False, verify: bool = True) -> PackedDataset:
-    """The packed rows of one split (all its shards, in row order), after re-hashing each of their files.
-
-    Without `with_mask` batches carry no attention mask: the training step (or `ShardLoader(build_mask=True)`)
-    builds it where the batch is, on the GPU from position ids; `with_mask=True` builds it on the CPU here.
-    """
-    shards = packed_shards(packed, split)
-    if not shards:
-        raise ValueError(f"packed_sequences {packed.version[:12]} has no {split!r} rows")
-    if verify:
-        packed.verify_files([f"{shard['dir']}/{name}.npy" for shard in shards for name in PACKED_FILES])
-    return open_packed([packed.path / shard["dir"] for shard in shards], with_mask=with_mask)
+def open_packed_split(
+    packed: Version | str | Path, split: str, *, with_mask: bool = False, verify: bool = True
+) -> PackedDataset:
+    """`corpus.loader.open_packed_shards` under its earlier name (kept for callers of this module)."""
+    return open_packed_shards(packed, split, verify=verify, with_mask=with_mask)
 
 
 def _val_batches(loader: ShardLoader | None, count: int) -> list[Any]:
