@@ -6,7 +6,8 @@ STAMP := $(VENV)/.setup-done
 TORCH_VERSION := 2.13.0
 # For an NVIDIA GPU: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
-DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
+# The instance `corpus run` records its runs in (<lake>/dagster_home), so the UI shows them.
+DAGSTER_HOME ?= $(or $(CORPUS_LAKE),$(CURDIR)/data/lake)/dagster_home
 
 .PHONY: setup run test lint format ui bench clean
 
@@ -34,6 +35,7 @@ format: setup
 
 ui: setup
 	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
 	DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1
 
 bench: setup

@@ -121,13 +121,19 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         )
         ceiling = manifest.pipeline.filters.max_drop_fraction
         share = float(output.summary["drop_share"])
+        reasons = drop_reasons(heuristic, output.version)
+        top = sorted(reasons, key=lambda r: -r["documents"])[:3]
         check = dg.AssetCheckResult(
             check_name=DROP_SHARE_CHECK,
             passed=share <= ceiling,
             metadata={"drop_share": share, "ceiling": ceiling},
+            description=(
+                f"source {spec.name!r}: quality filtering drops {share:.1%} of its documents, ceiling "
+                f"filters.max_drop_fraction = {ceiling:.1%}; most dropped: "
+                + (", ".join(f"{r['reason']} ({r['stage']}) {r['documents']}" for r in top) or "none")
+            ),
         )
         result = publish(context, pipeline, output, upstream=[heuristic], checks=[check])
-        reasons = drop_reasons(heuristic, output.version)
         review = output.tables.get("quality_review", [])
         return dg.MaterializeResult(
             data_version=result.data_version,

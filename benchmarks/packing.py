@@ -8,7 +8,8 @@ as the lake stores them): samples/s and tokens/s of PackedDataset.__getitems__ w
 dense attention mask, `block_causal_mask(segment_ids, position_ids)` as `ShardLoader(build_mask=True)`
 calls it (the block fill on the CPU), the one comparison of position ids that CUDA runs by default
 (timed here on the CPU, where it loses to the block fill), and sliding windows (stride = max_length) over
-the same stream. Writes benchmarks/results/packing.json.
+the same stream; and the memorisation control's target masking (1-3 per row, `ShardLoader(mask_tokens=)`)
+against its earlier full-sort version. Writes benchmarks/results/packing.json.
 
     .venv/bin/python benchmarks/packing.py [--lengths 1024 2048] [--seconds 2.0] [--threads 1]
 """
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corpus import masks
+from corpus.loader import _GOLDEN, ShardLoader, _mix64
 from corpus.masks import block_causal_mask
 from corpus.packing import (
     concat_split_stats,
@@ -98,6 +100,23 @@ def concat_split_rows(stream: np.ndarray, length: int) -> np.ndarray:
     rows = np.full(n_rows * length, EOT_ID, dtype=stream.dtype)
     rows[: stream.size] = stream
     return rows.reshape(n_rows, length)
+
+
+def mask_positions_by_sort(
+    seed: int, epoch: int, sample_indices: np.ndarray, length: int, lo: int, hi: int
+) -> np.ndarray:
+    """The baseline: corpus.loader.mask_positions before argpartition, a full argsort of every row's position
+    hashes to pick at most `hi` of them (the same masks on rows without -100 targets)."""
+    base = _mix64(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(epoch))
+    keys = _mix64(base ^ (_mix64(sample_indices.astype(np.uint64) + np.uint64(1)) * _GOLDEN))
+    counts = lo + (keys % np.uint64(hi - lo + 1)).astype(np.int64)
+    position_keys = _mix64(keys[:, None] ^ _mix64(np.arange(1, length + 1, dtype=np.uint64))[None, :])
+    order = np.argsort(position_keys, axis=1, kind="stable")
+    mask = np.zeros((len(sample_indices), length), dtype=bool)
+    chosen = np.arange(hi)[None, :] < counts[:, None]
+    rows = np.broadcast_to(np.arange(len(sample_indices))[:, None], (len(sample_indices), hi))
+    mask[rows[chosen], order[:, :hi][chosen]] = True
+    return mask
 
 
 def best_of(fn: Callable[[], Any], repeats: int = 3) -> tuple[float, Any]:
@@ -218,6 +237,19 @@ def main(argv: list[str] | None = None) -> int:
                 batch["attention_mask"] = masks._position_mask(batch["position_ids"])
                 return batch
 
+            target_masker = ShardLoader(plain, BATCH, mask_tokens=(1, 3))
+
+            def masked_targets(idx: np.ndarray, masker: ShardLoader = target_masker) -> Any:
+                return masker.fetch(idx, 0)
+
+            def masked_targets_by_sort(
+                idx: np.ndarray, plain: Any = plain, length: int = length
+            ) -> dict[str, torch.Tensor]:
+                batch = plain.__getitems__(idx)
+                hide = torch.from_numpy(mask_positions_by_sort(0, 0, idx, length, 1, 3))
+                batch["labels"] = batch["labels"].masked_fill(hide, -100)
+                return batch
+
             plan = plan_packing(stream, starts, lengths, length)
             shard_dirs = []
             for lo in range(0, plan.num_rows, SHARD_ROWS):
@@ -237,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
                 ("packed + mask (block fill)", masked.__getitems__, len(masked), efficiency),
                 ("packed + block_causal_mask", vectorised, len(plain), efficiency),
                 ("packed + mask from position ids (one op)", from_positions, len(plain), efficiency),
+                (
+                    "packed + mask_tokens (1-3 targets), full sort per row (before)",
+                    masked_targets_by_sort,
+                    len(plain),
+                    efficiency,
+                ),
+                ("packed + mask_tokens (1-3 targets), argpartition", masked_targets, len(plain), efficiency),
                 ("sliding windows", fetch_windows, n_windows, 1.0),
             ]
             base = None

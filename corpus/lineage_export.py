@@ -157,7 +157,12 @@ def emit_openlineage(
     parent_jobs: Mapping[str, str] | None = None,
 ) -> tuple[Path, int]:
     """Append one RunEvent per materialization (newer than `since`, or of the latest release's lineage when
-    `since` is None) to `out` (default `<lake>/lineage/openlineage.jsonl`); returns the file and the count."""
+    `since` is None) to `out` (default `<lake>/lineage/openlineage.jsonl`); returns the file and the count.
+
+    Events already in `out` are not appended again (their run ids are derived from the materialization, so
+    the same one always gives the same id): exporting after `corpus run` appended its events, or twice,
+    leaves one event per materialization.
+    """
     from openlineage.client import OpenLineageClient
     from openlineage.client.transport.file import FileConfig, FileTransport
 
@@ -170,6 +175,7 @@ def emit_openlineage(
     out = Path(out) if out else lake.root / EVENTS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     client = OpenLineageClient(transport=FileTransport(FileConfig(log_file_path=str(out), append=True)))
+    emitted = _emitted_run_ids(out)
     seen: set[tuple[str, str, str, str]] = set()
     count = 0
     for row in rows:
@@ -182,9 +188,28 @@ def emit_openlineage(
         except LakeError:
             continue  # removed by `corpus gc` since; its events were emitted when it was made
         event = run_event(lake, version, row["run_id"], row["materialized_at"], (parent_jobs or {}).get(row["asset"]))
+        if event.run.runId in emitted:
+            continue
         client.emit(event)
+        emitted.add(event.run.runId)
         count += 1
     return out, count
+
+
+def _emitted_run_ids(path: Path) -> set[str]:
+    """The run ids of the events a JSON-lines file already holds (none when it does not exist)."""
+    if not path.exists():
+        return set()
+    ids = set()
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                ids.add(str(json.loads(line)["run"]["runId"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise LakeError(f"{path}:{number}: not an OpenLineage run event ({exc}); move it aside") from exc
+    return ids
 
 
 def emit_openlineage_quietly(lake_root: Path, since: dt.datetime, parent_jobs: Mapping[str, str]) -> str:

@@ -185,9 +185,7 @@ def read_jsonl(spec: SourceSpec) -> Iterator[Item]:
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield Quarantined(
-                    uri, line_no, start, file_digest, "malformed_json", f"{exc.msg} at column {exc.colno}"
-                )
+                yield Quarantined(uri, line_no, start, file_digest, "malformed_json", f"{exc.msg}: column {exc.colno}")
                 continue
             if not isinstance(obj, dict):
                 yield Quarantined(uri, line_no, start, file_digest, "not_an_object", f"JSON {type(obj).__name__}")

@@ -25,7 +25,15 @@ from typing import Any
 from corpus.config import ManifestError, load_manifest
 from corpus.lake import LakeError
 from corpus.metrics import MetricsError
-from orchestration.resources import ENV_LAKE, ENV_SOURCES, REPO_ROOT, LakePaths, default_lake, default_sources
+from orchestration.resources import (
+    ENV_LAKE,
+    ENV_SOURCES,
+    REPO_ROOT,
+    LakePaths,
+    default_lake,
+    default_sources,
+    lake_path,
+)
 
 DAGSTER_YAML = "telemetry:\n  enabled: false\n"
 QUIET = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
@@ -77,6 +85,12 @@ def _failure_message(result: object) -> str:
             if error and error.cause:
                 message += f" (cause: {error.cause.message.strip()})"
             lines.append(f"{event.step_key}: {message}")
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            check = event.event_specific_data
+            if check is not None and not check.passed:  # the step failure names it only; say why
+                values = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in (check.metadata or {}).items())
+                why = check.description or values
+                lines.append(f"check {check.check_name} on {check.asset_key.to_user_string()} failed: {why}")
     return "\n".join(lines) or "run failed (see the Dagster UI for the event log)"
 
 
@@ -280,7 +294,7 @@ def scoped_environ(values: dict[str, str]) -> Iterator[None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     sources = Path(args.sources).expanduser().resolve() if args.sources else default_sources()
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     manifest = load_manifest(sources)  # a bad manifest fails here, before any work
     paths = LakePaths(lake)
     partitions = len(manifest.source_names)
@@ -336,7 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from corpus.report import build_report, format_report
 
-    report = build_report(Path(args.lake).expanduser().resolve() if args.lake else default_lake())
+    report = build_report(_lake(args))
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
     return 0
 
@@ -344,7 +358,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     from corpus.report import iter_decoded_stream
 
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     try:
         for chunk in iter_decoded_stream(lake, args.split):
             sys.stdout.write(chunk)
@@ -353,6 +367,22 @@ def cmd_cat(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     return 0
+
+
+def _lake(args: argparse.Namespace) -> Path:
+    """--lake (a path or file:// URL) or the default; another URL is refused naming what reads one."""
+    if not args.lake:
+        return default_lake()
+    try:
+        return lake_path(args.lake)
+    except ValueError as exc:
+        hint = (
+            f"; `corpus {args.command}` works on a local lake (`corpus verify` reads a remote one, "
+            f"`corpus pull {args.lake} --lake DIR` copies it here)"
+            if "://" in args.lake and not args.lake.startswith("file://")
+            else ""
+        )
+        raise CliError(f"--lake {exc}{hint}") from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -365,7 +395,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             raise CliError("--public-key is not supported for a remote lake yet: `corpus pull` it, then verify")
         result = verify_remote(args.lake, args.manifest, on_problem=on_problem)
     else:
-        lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+        lake = _lake(args)
         target = Path(args.manifest).expanduser().resolve() if args.manifest else None
         key = Path(args.public_key).expanduser() if args.public_key else None
         signature = Path(args.signature).expanduser() if args.signature else None
@@ -384,7 +414,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from corpus.remote import push_release
 
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     result = push_release(lake, args.to, args.manifest)
     print(result.summary("pushed", args.to))
     return 0
@@ -393,7 +423,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from corpus.remote import pull_release
 
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     result = pull_release(args.url, lake)
     print(result.summary("pulled", str(lake)))
     print(f"now run `corpus verify --lake {lake}` for every check, structure included")
@@ -403,7 +433,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     from corpus import audit
 
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     if args.kind == "sample":
         if len(args.args) != 2:
             raise CliError(
@@ -436,7 +466,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return 0
     if not args.key:
         raise CliError("usage: corpus sign [MANIFEST] --key PRIVATE_KEY.pem  (or --generate-key PATH)")
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     target = Path(args.manifest).expanduser().resolve() if args.manifest else None
     path, record = signing.sign_release(lake, Path(args.key).expanduser(), target)
     print(f"signed release {record['release']} (Merkle root {record['merkle_root']}) with key {record['key_id']}")
@@ -447,7 +477,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from corpus.diff import diff_releases, format_diff, resolve_release
 
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     out = diff_releases(resolve_release(args.old, lake), resolve_release(args.new, lake))
     print(json.dumps(out, indent=2, sort_keys=True) if args.json else format_diff(out))
     return 0
@@ -456,11 +486,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from corpus import lineage_export
 
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     out = Path(args.out).expanduser() if args.out else None
     if args.format == "openlineage":
         path, count = lineage_export.emit_openlineage(lake, out=out, parent_jobs=_phase_jobs())
-        print(f"{count} OpenLineage run events appended to {path}")
+        print(f"{count} OpenLineage run events appended to {path} (events already there are not repeated)")
     else:
         document = lineage_export.croissant(lake)
         # contentUrl values are relative to the lake root, so the default place makes the file loadable as is.
@@ -480,7 +510,7 @@ def _phase_jobs() -> dict[str, str]:
 def cmd_gc(args: argparse.Namespace) -> int:
     from corpus.gc import collect, format_result
 
-    lake = Path(args.lake).expanduser().resolve() if args.lake else default_lake()
+    lake = _lake(args)
     print(format_result(collect(lake, keep=args.keep, dry_run=args.dry_run)))
     return 0
 

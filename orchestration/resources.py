@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,23 @@ def default_sources() -> Path:
 
 
 def default_lake() -> Path:
-    return Path(os.environ.get(ENV_LAKE) or DEFAULT_LAKE).expanduser().resolve()
+    return lake_path(os.environ.get(ENV_LAKE) or str(DEFAULT_LAKE))
+
+
+def lake_path(value: str) -> Path:
+    """A local lake directory from a path or a file:// URL, the directory `corpus push --to` writes for it
+    (fsspec takes the URL's path as is, %-escapes included, so this does too).
+
+    ValueError for a URL of another protocol: the pipeline writes and reads local directories.
+    """
+    if value.startswith("file://"):
+        parsed = urllib.parse.urlparse(value)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{value}: a file:// URL on another host ({parsed.netloc}) is not a local directory")
+        value = parsed.path
+    elif "://" in value:
+        raise ValueError(f"{value} is a remote lake, not a local directory")
+    return Path(value).expanduser().resolve()
 
 
 class PipelineResource(dg.ConfigurableResource):

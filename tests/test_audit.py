@@ -581,6 +581,11 @@ def test_openlineage_events_for_every_materialization(lake: Path, tmp_path: Path
     assert count == len(exported) == len(lineage(store, [latest_release(lake)]))
     run_ids = {e["run"]["runId"] for e in events}
     assert {e["run"]["runId"] for e in exported} <= run_ids
+    # Exporting again, or into the file the run appended to, repeats no event.
+    assert emit_openlineage(lake, out=out) == (out, 0) and len(out.read_text().splitlines()) == count
+    default = lake / "lineage" / "openlineage.jsonl"
+    before = default.read_text().splitlines()
+    assert emit_openlineage(lake)[1] == 0 and default.read_text().splitlines() == before
 
 
 def test_croissant_lists_every_final_file_with_its_sha256(lake: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -214,3 +214,24 @@ def test_corpus_run_on_postgres_instance_storage(
     assert len(runs) == sum(4 if phase.partitioned else 1 for phase in PHASES)
     assert {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
     assert latest_release(lake).version, f"run took {time.monotonic() - started:.0f} s"
+
+
+def test_a_failed_blocking_check_is_reported_with_its_reason() -> None:
+    """Dagster's step failure names the check only; `corpus run` adds its description (or its values)."""
+
+    @dg.asset(check_specs=[dg.AssetCheckSpec("share_ok", asset="thing", blocking=True)])
+    def thing() -> dg.MaterializeResult:
+        check = dg.AssetCheckResult(
+            check_name="share_ok", passed=False, metadata={"share": 0.9}, description="90% dropped, ceiling 50%"
+        )
+        return dg.MaterializeResult(check_results=[check])
+
+    @dg.asset(check_specs=[dg.AssetCheckSpec("bare", asset="other", blocking=True)])
+    def other() -> dg.MaterializeResult:
+        return dg.MaterializeResult(
+            check_results=[dg.AssetCheckResult(check_name="bare", passed=False, metadata={"n": 3})]
+        )
+
+    message = cli._failure_message(dg.materialize([thing], raise_on_error=False))
+    assert "check share_ok on thing failed: 90% dropped, ceiling 50%" in message
+    assert "check bare on other failed: n=3" in cli._failure_message(dg.materialize([other], raise_on_error=False))

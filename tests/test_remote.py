@@ -15,6 +15,7 @@ from corpus.lake import MANIFEST, Lake, LakeError
 from corpus.loader import open_window_shards
 from corpus.release import latest_release, lineage
 from orchestration import cli
+from orchestration.resources import lake_path
 
 URL = "memory://bucket/corpus"
 
@@ -149,3 +150,28 @@ def test_pull_then_full_local_verify(lake: Path, tmp_path: Path) -> None:
 def test_is_remote() -> None:
     assert remote.is_remote("s3://bucket/x") and remote.is_remote("memory://x")
     assert not remote.is_remote("/data/lake") and not remote.is_remote("file:///data/lake")
+
+
+def test_a_file_url_is_a_local_lake_for_every_command(
+    lake: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`push --to file://...` makes a lake that `verify`, `report` and the rest open by the same URL."""
+    url = f"file://{tmp_path / 'pushed'}"
+    assert cli.main(["push", "--to", url, "--lake", str(lake)]) == 0
+    assert cli.main(["verify", "--lake", url]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", "--json", "--lake", url]) == 0
+    assert json.loads(capsys.readouterr().out)["release"]["version"] == latest_release(lake).version
+    assert cli.main(["report", "--lake", URL]) == 1
+    assert "--lake memory://bucket/corpus is a remote lake, not a local directory; `corpus report` works on a " in (
+        capsys.readouterr().err
+    )
+
+
+def test_lake_path() -> None:
+    assert lake_path("file:///data/lake") == Path("/data/lake")
+    assert lake_path("file://localhost/data/lake") == Path("/data/lake")
+    with pytest.raises(ValueError, match="a file:// URL on another host \\(nas\\) is not a local directory"):
+        lake_path("file://nas/data/lake")
+    with pytest.raises(ValueError, match="s3://b/x is a remote lake"):
+        lake_path("s3://b/x")

@@ -93,3 +93,23 @@ def test_embedded_sources_are_deterministic() -> None:
     topics = [i for i in read_source(SourceSpec(name="x", kind="pydoc_topics")) if isinstance(i, RawRecord)]
     assert topics[0].uri.startswith("pydoc_data/topics.py#")
     assert [t.position for t in topics] == list(range(len(topics)))
+
+
+def test_a_source_without_documents_says_why_before_anything_is_written(tmp_path: Path) -> None:
+    from corpus.lake import Lake
+    from corpus.stages.raw import build_raw_documents
+
+    (tmp_path / "notes.md").write_text("not a .txt file")
+    spec = SourceSpec(name="books", kind="text_files", path=tmp_path, glob="**/*.txt")
+    with Lake(tmp_path / "lake").writer("raw_documents", "books") as writer:
+        with pytest.raises(
+            SourceError, match=r"source 'books' \(.*\) yielded no documents \(no file matches glob '\*\*/\*\.txt'\)"
+        ):
+            build_raw_documents(spec, writer)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "broken\n')
+    spec = SourceSpec(name="chat", kind="jsonl", path=tmp_path / "bad.jsonl")
+    with Lake(tmp_path / "lake").writer("raw_documents", "chat") as writer:
+        with pytest.raises(SourceError, match=r"yielded no documents \(malformed_json: 1\)"):
+            build_raw_documents(spec, writer)
+    (bad,) = items(spec)[1]
+    assert bad.detail == "Unterminated string starting at: column 10"

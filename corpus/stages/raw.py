@@ -13,7 +13,7 @@ from corpus.sources import Quarantined, SourceError, read_source
 from corpus.stages import StageOutput
 from corpus.stages.io import DOCUMENT_SCHEMA, ParquetSink
 
-CODE_VERSION = "raw_documents/1"
+CODE_VERSION = "raw_documents/2"  # 2: a malformed-JSON detail reads "<message>: column N"
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -63,6 +63,8 @@ def build_raw_documents(spec: SourceSpec, writer: VersionWriter) -> StageOutput:
         n_docs = docs.count + len(docs.rows)
     if n_docs == 0:
         detail = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())) or "no records at all"
+        if spec.kind == "text_files" and not reasons:
+            detail = f"no file matches glob {spec.glob!r}"
         where = spec.path if spec.path is not None else spec.kind
         raise SourceError(f"source {spec.name!r} ({where}) yielded no documents ({detail})")
     n_quarantined = sum(reasons.values())
