@@ -6,8 +6,6 @@ STAMP := $(VENV)/.setup-done
 TORCH_VERSION := 2.13.0
 # For an NVIDIA GPU: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_INDEX ?=
-# The instance `corpus run` records its runs in (<lake>/dagster_home), so the UI shows them.
-DAGSTER_HOME ?= $(or $(CORPUS_LAKE),$(CURDIR)/data/lake)/dagster_home
 
 .PHONY: setup run test lint format ui bench clean
 
@@ -33,10 +31,14 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The UI opens the instance `corpus run` records its runs in, <lake>/dagster_home ($CORPUS_LAKE resolved as
+# the CLI resolves it), so they show there; a DAGSTER_HOME set in the environment wins.
 ui: setup
-	mkdir -p $(DAGSTER_HOME)
-	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
-	DAGSTER_HOME=$(DAGSTER_HOME) $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1
+	@home="$${DAGSTER_HOME:-$$($(PY) -c 'from orchestration.resources import LakePaths, default_lake; print(LakePaths(default_lake()).dagster_home)')}" && \
+	mkdir -p "$$home" && \
+	{ test -f "$$home/dagster.yaml" || printf 'telemetry:\n  enabled: false\n' > "$$home/dagster.yaml"; } && \
+	echo "DAGSTER_HOME=$$home" && \
+	DAGSTER_HOME="$$home" exec $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1
 
 bench: setup
 	$(PY) benchmarks/windows.py

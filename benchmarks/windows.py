@@ -135,7 +135,7 @@ def measure(run: str, stride: int, token_file: str) -> dict[str, Any]:
         best = 0.0
         for _ in range(REPEATS):
             if isinstance(loader, ShardLoader):
-                loader.set_epoch(0, restart=True)  # it resumes where it stopped otherwise
+                loader.set_epoch(0)  # it resumes where it stopped otherwise
             served = 0
             start = time.perf_counter()
             while served < SAMPLES:
@@ -150,7 +150,7 @@ def measure(run: str, stride: int, token_file: str) -> dict[str, Any]:
         """sha256 over the first SAMPLES samples' inputs and targets as served (untimed)."""
         hasher = hashlib.sha256()
         if isinstance(loader, ShardLoader):
-            loader.set_epoch(0, restart=True)
+            loader.set_epoch(0)
         served = 0
         while served < SAMPLES:
             for inputs, targets in loader:

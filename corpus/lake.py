@@ -292,6 +292,11 @@ def read_version(manifest_path: str | Path) -> Version:
         raise LakeError(f"{path}: manifest content hashes to {actual}, but claims version {manifest['version']}")
     if path.parent.name != manifest["version"]:
         raise LakeError(f"{path}: directory {path.parent.name} does not match manifest version {manifest['version']}")
+    if (path.parent.parent.name, path.parent.parent.parent.name) != (manifest["partition"], manifest["asset"]):
+        raise LakeError(
+            f"{path}: not in a lake's layout <lake>/{manifest['asset']}/{manifest['partition']}/{manifest['version']}/"
+            f"{MANIFEST}, where its files are found; copy the whole version directory into that layout"
+        )
     root = path.parent.parent.parent.parent
     return Version(root, manifest["asset"], manifest["partition"], manifest["version"], manifest)
 

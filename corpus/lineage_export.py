@@ -197,18 +197,26 @@ def emit_openlineage(
 
 
 def _emitted_run_ids(path: Path) -> set[str]:
-    """The run ids of the events a JSON-lines file already holds (none when it does not exist)."""
+    """The run ids of the run events a JSON-lines file already holds (none when it does not exist).
+
+    Lines that are no run event (a DatasetEvent or JobEvent another tool wrote, a line cut short when a
+    process was killed mid-write) are passed over; a file not ending in a newline gets one, so the next
+    event starts its own line.
+    """
     if not path.exists():
         return set()
     ids = set()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+    with path.open("rb") as lines:
+        last = b"\n"
+        for line in lines:
+            last = line
             try:
                 ids.add(str(json.loads(line)["run"]["runId"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise LakeError(f"{path}:{number}: not an OpenLineage run event ({exc}); move it aside") from exc
+            except (ValueError, KeyError, TypeError):
+                continue
+    if not last.endswith(b"\n"):
+        with path.open("ab") as handle:
+            handle.write(b"\n")
     return ids
 
 

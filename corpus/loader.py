@@ -369,10 +369,12 @@ class ShardLoader:
         self.pin_memory = (pin_memory or on_gpu) and torch.cuda.is_available()
         self.epoch = 0
         self.next_batch = 0
+        self._restored = False  # load_state_dict ran and no batch or set_epoch came since
         self.last_indices: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self._cache: tuple[int, npt.NDArray[np.int64], int] | None = None
         counts = [len(range(r, self.num_samples, world_size)) for r in range(world_size)]
         per_rank = [self._batches_for(c, min(counts)) for c in counts]
+        self._most_batches = max(per_rank)  # of any rank, every epoch: a state another rank saved may be there
         if 0 in per_rank:  # on every rank: one rank without batches would leave the others' collectives waiting
             empty = per_rank.index(0)
             raise ValueError(
@@ -398,15 +400,17 @@ class ShardLoader:
         return self._rank_order(self.epoch)[1]
 
     def set_epoch(self, epoch: int, *, restart: bool = False) -> None:
-        """Serve epoch `epoch` at the next iteration: from its first batch when it is another epoch.
+        """Serve epoch `epoch` from its first batch at the next iteration.
 
-        The current epoch keeps its place unless `restart`: the `DistributedSampler` pattern
-        (`loader.set_epoch(epoch)` before each epoch's loop) after `load_state_dict` resumes at the next
-        unseen batch instead of serving the epoch's first batches again. `restart=True` replays it.
+        One exception, for the `DistributedSampler` pattern (`loader.set_epoch(epoch)` before each epoch's
+        loop): right after `load_state_dict`, setting the restored epoch keeps its place, so the resumed
+        loop serves the unseen batches instead of the epoch's first ones again (`restart=True` replays it).
         """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        if epoch != self.epoch or restart:
+        keep = self._restored and epoch == self.epoch and not restart
+        self._restored = False
+        if not keep:
             self.epoch = epoch
             self.next_batch = 0
 
@@ -434,6 +438,7 @@ class ShardLoader:
         if self.next_batch >= n_batches:
             self.set_epoch(self.epoch + 1)
             mine, n_batches = self._rank_order(self.epoch)
+        self._restored = False
         while self.next_batch < n_batches:
             start = self.next_batch * self.batch_size
             indices = mine[start : start + self.batch_size]
@@ -532,11 +537,15 @@ class ShardLoader:
         epoch, next_batch = state["epoch"], state["next_batch"]
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"loader state has epoch={epoch!r}, expected an integer >= 0")
-        n_batches = self._rank_order(epoch)[1]
-        if not isinstance(next_batch, int) or not 0 <= next_batch <= n_batches:
-            raise ValueError(f"loader state has next_batch={next_batch!r}, expected 0..{n_batches}")
+        if not isinstance(next_batch, int) or not 0 <= next_batch <= self._most_batches:
+            raise ValueError(f"loader state has next_batch={next_batch!r}, expected 0..{self._most_batches}")
+        # With drop_last=False a rank may have one batch fewer than the rank that saved the state: at the end
+        # of the epoch for that rank is the end of it here too.
+        if next_batch >= self._rank_order(epoch)[1]:
+            epoch, next_batch = epoch + 1, 0  # a finished epoch: the next one, where iteration would go on
         self.epoch = epoch
         self.next_batch = next_batch
+        self._restored = True
 
 
 def _dataset_id(dataset: object) -> str | None:

@@ -56,8 +56,8 @@ def lake_path(value: str) -> Path:
     """
     if value.startswith("file://"):
         parsed = urllib.parse.urlparse(value)
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"{value}: a file:// URL on another host ({parsed.netloc}) is not a local directory")
+        if parsed.netloc:  # fsspec would read file://host/x as the relative path host/x
+            raise ValueError(f"{value}: a file:// URL with a host ({parsed.netloc}); write file:///path")
         value = parsed.path
     elif "://" in value:
         raise ValueError(f"{value} is a remote lake, not a local directory")

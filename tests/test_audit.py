@@ -586,6 +586,17 @@ def test_openlineage_events_for_every_materialization(lake: Path, tmp_path: Path
     default = lake / "lineage" / "openlineage.jsonl"
     before = default.read_text().splitlines()
     assert emit_openlineage(lake)[1] == 0 and default.read_text().splitlines() == before
+    # Lines that are no run event, or one cut short by a killed writer, are passed over, not fatal.
+    foreign = json.dumps({"eventType": None, "dataset": {"namespace": "x", "name": "y"}})
+    out.write_text(out.read_text() + foreign + "\n" + exported_line_cut(out))
+    assert emit_openlineage(lake, out=out) == (out, 0)
+    assert out.read_text().endswith("\n")
+    out.write_text(foreign + "\n")
+    assert emit_openlineage(lake, out=out) == (out, count)  # only the foreign line: every event again
+
+
+def exported_line_cut(path: Path) -> str:
+    return path.read_text().splitlines()[0][:40]  # no newline: a write interrupted
 
 
 def test_croissant_lists_every_final_file_with_its_sha256(lake: Path, capsys: pytest.CaptureFixture[str]) -> None:

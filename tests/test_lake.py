@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,12 @@ def test_commit_replaces_a_damaged_copy_of_the_same_version(tmp_path: Path) -> N
     again = commit(lake, "asset", b"same")
     assert again.version == first.version and list(again.check_files()) == []
     assert not [p for p in again.path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_version_copied_out_of_the_lake_layout_is_refused_clearly(tmp_path: Path) -> None:
+    v = commit(Lake(tmp_path / "lake"), "asset", b"hello")
+    assert read_version(v.manifest_path).path == v.path
+    loose = tmp_path / "copy" / v.version
+    shutil.copytree(v.path, loose)
+    with pytest.raises(LakeError, match=r"not in a lake's layout <lake>/asset/p/[0-9a-f]{64}/manifest\.json"):
+        read_version(loose / "manifest.json")

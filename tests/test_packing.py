@@ -643,6 +643,38 @@ def test_set_epoch_keeps_a_resumed_epoch_unless_restarted(tmp_path: Path) -> Non
     assert all(torch.equal(a, b) for a, b in zip(head + tail, reference, strict=True))
     resumed.set_epoch(0, restart=True)
     assert all(torch.equal(a["input_ids"], b) for a, b in zip(_loader_batches(resumed), reference, strict=True))
+    # Anywhere but right after load_state_dict, set_epoch(e) starts e from its first batch, as it always did
+    # (a validation loader re-read from the start before each evaluation).
+    _loader_batches_limit(first, 1)
+    first.set_epoch(0)
+    assert torch.equal(_loader_batches_limit(first, 1)[0]["input_ids"], reference[0])
+    again = ShardLoader(dataset, 2, seed=9)
+    again.load_state_dict(first.state_dict())
+    _loader_batches_limit(again, 1)
+    again.set_epoch(0)  # a batch was served since the restore: a fresh start
+    assert torch.equal(_loader_batches_limit(again, 1)[0]["input_ids"], reference[0])
+
+
+def test_a_state_at_the_end_of_an_epoch_resumes_at_the_next_one_on_every_rank() -> None:
+    packed = pack(*documents([20, 25, 30, 31, 32], seed=2), 32)  # 5 rows: rank 0 gets 3, rank 1 gets 2
+    dataset = PackedDataset(packed)
+    make = lambda rank: ShardLoader(dataset, 1, seed=1, rank=rank, world_size=2)  # noqa: E731
+    saver = make(0)
+    _loader_batches(saver)
+    state = saver.state_dict()
+    assert (state["epoch"], state["next_batch"]) == (0, 3)
+    for rank in range(2):
+        resumed = make(rank)
+        resumed.load_state_dict(state)
+        assert (resumed.epoch, resumed.next_batch) == (1, 0)  # epoch 0 is done on both ranks
+        resumed.set_epoch(resumed.epoch)  # `for epoch in range(loader.epoch, ...)`: no replay
+        reference = make(rank)
+        reference.set_epoch(1)
+        assert [b["input_ids"].tolist() for b in _loader_batches(resumed)] == [
+            b["input_ids"].tolist() for b in _loader_batches(reference)
+        ]
+    with pytest.raises(ValueError, match=r"next_batch=4, expected 0\.\.3"):
+        make(1).load_state_dict({**state, "next_batch": 4})
 
 
 def test_no_rank_builds_a_loader_when_one_rank_would_get_no_batches() -> None:

@@ -56,7 +56,7 @@ def build_smoke_training(
     # Windows: verify every shard of both splits before the first batch.
     train_w = open_window_shards(windows.manifest_path, "train", verify=True)
     val_w = (
-        open_window_shards(windows.manifest_path, "validation", verify=True)
+        open_window_shards(windows.manifest_path, "validation", verify=False)  # hashed with train, whole
         if windows.counts["validation_windows"]
         else None
     )
@@ -67,7 +67,8 @@ def build_smoke_training(
         )
     }
     train_p = open_packed_split(packed, "train")
-    val_p = open_packed_split(packed, "validation") if packed.counts.get("validation_rows") else None
+    # Opening train re-hashed the whole version, validation included.
+    val_p = open_packed_split(packed, "validation", verify=False) if packed.counts.get("validation_rows") else None
     kinds["packed"] = (
         ShardLoader(train_p, tcfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True),
         ShardLoader(val_p, tcfg.batch_size, shuffle=False, drop_last=False) if val_p is not None else None,
