@@ -443,7 +443,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if args.replay:
             out = audit.replay_sample(lake, args.args[0], int(args.args[1]))
             print(json.dumps(out, indent=2, sort_keys=True, default=str))
-            return 0 if out["equal"] else 1
+            for change in out["raw_changed"]:
+                print(
+                    f"raw file {change['path']} changed since it was ingested: sha256 {change['now']}, "
+                    f"ingested {change['ingested']}",
+                    file=sys.stderr,
+                )
+            return 0 if out["ok"] else 1
         out = audit.trace_sample(lake, args.args[0], int(args.args[1]))
     elif args.kind == "document":
         if len(args.args) != 1:
@@ -579,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("args", nargs="+", help="sample: SHARD INDEX; document: DOC_ID; file: PATH")
     trace.add_argument("--lake", help=lake_help)
     trace.add_argument(
-        "--replay", action="store_true", help="sample: re-derive its tokens from the raw files; exit 1 unless equal"
+        "--replay",
+        action="store_true",
+        help="sample: re-derive its tokens from the raw files; exit 1 unless equal and no raw file changed",
     )
     trace.set_defaults(func=cmd_trace)
 

@@ -420,6 +420,28 @@ def test_replay_sample_and_cli(lake: Path, capsys: pytest.CaptureFixture[str]) -
     assert "out of range" in capsys.readouterr().err
 
 
+def test_replay_names_a_raw_file_changed_since_ingestion(lake: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Appending to a JSONL source leaves the record's bytes, so its tokens replay equal, but the file is no
+    longer the one the release ingested: replay says so and fails."""
+    chat = version_of(lake, "raw_documents", "chat")
+    doc_ids = pq.read_table(chat.path / "documents.parquet", columns=["doc_id"]).column(0).to_pylist()
+    placed = next(p for d in doc_ids for p in audit.trace_document(lake, d)["placements"] if p["shards"])
+    shard, index = placed["shards"][0]["shard"], placed["shards"][0]["windows"][0]
+    docs = audit.trace_sample(lake, shard, index)["documents"]
+    raw = Path(next(d for d in docs if d["source"] == "chat")["raw"]["path"])
+    original = raw.read_bytes()
+    try:
+        raw.write_bytes(original + b'{"text": "appended later"}\n')
+        replay = audit.replay_sample(lake, shard, index)
+        assert replay["equal"] and not replay["ok"]
+        assert [(c["source"], c["path"]) for c in replay["raw_changed"]] == [("chat", str(raw))]
+        assert cli.main(["trace", "sample", shard, str(index), "--lake", str(lake), "--replay"]) == 1
+        assert f"raw file {raw} changed since it was ingested" in capsys.readouterr().err
+    finally:
+        raw.write_bytes(original)
+    assert audit.replay_sample(lake, shard, index)["ok"]
+
+
 def test_trace_document_kept_and_dropped(lake: Path) -> None:
     traced = audit.trace_sample(lake, "train-00000.bin", 0)
     doc_id = traced["documents"][0]["doc_id"]
