@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import duckdb
@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from corpus.lake import MANIFEST, Lake, LakeError, UpstreamRef, Version, manifest_version
 from corpus.layout import PACKED_FILES, packed_shards
 from corpus.reconcile import reconcile
-from corpus.release import RELEASE_ASSET, latest_release, lineage, releases_dir
+from corpus.release import RELEASE_ASSET, last_released, latest_release, lineage, releases_dir
 
 SCAN_CHUNK = 1 << 20  # bytes per read when hashing and range-checking a file
 DEFAULT_VOCAB = 50257  # GPT-2; manifests that hold tokens record their own `vocab_size`
@@ -409,16 +409,31 @@ class _Verifier:
             if scan.ragged:
                 self.problem(path, "structure", f"{scan.size} bytes are not a whole number of {dtype} tokens")
         listed = {str(e["path"]) for e in entries}
-        for base, _, names in os.walk(version.path):
+        holders = {parent.as_posix() for name in listed for parent in PurePosixPath(name).parents}
+        for base, dirs, names in os.walk(version.path):
+            for name in list(dirs):
+                path = Path(base) / name
+                rel = path.relative_to(version.path).as_posix()
+                if path.is_symlink() or rel not in holders:
+                    # A link is never followed (it could reach anywhere); a directory no listed file is in is
+                    # reported once, not file by file.
+                    what = f"a symbolic link to {os.readlink(path)}" if path.is_symlink() else "a directory"
+                    self.problem(path, "unlisted", f"{what} that no file of the manifest is in", expected="absent")
+                    dirs.remove(name)
             for name in names:
-                rel = (Path(base) / name).relative_to(version.path).as_posix()
+                path = Path(base) / name
+                rel = path.relative_to(version.path).as_posix()
                 if rel != MANIFEST and rel not in listed:
                     self.problem(
-                        version.path / rel,
+                        path, "unlisted", "file not listed in the manifest", expected="absent", actual="present"
+                    )
+                elif path.is_symlink():
+                    self.problem(
+                        path,
                         "unlisted",
-                        "file not listed in the manifest",
-                        expected="absent",
-                        actual="present",
+                        f"a symbolic link to {os.readlink(path)}: a version holds its files, not links to them",
+                        expected="a file",
+                        actual="a link",
                     )
         return scans
 
@@ -1057,6 +1072,17 @@ class _Verifier:
                 f"merkle_root {record.get('merkle_root')}, the release says {release.extra.get('merkle_root')}",
                 expected=release.extra.get("merkle_root"),
                 actual=record.get("merkle_root"),
+            )
+        history = pointer.with_name("history.jsonl")
+        newest = last_released(history.read_text(encoding="utf-8")) if history.is_file() else None
+        if newest is not None and newest != release.version:
+            self.problem(
+                pointer,
+                "structure",
+                f"names release {release.version[:12]}, but the newest in {history.name} is {newest[:12]}: LATEST was "
+                "moved back, or a run stopped between the two writes (rerun it)",
+                expected=newest,
+                actual=release.version,
             )
 
     # -- walk

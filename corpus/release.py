@@ -111,7 +111,7 @@ def point_latest(lake: Lake, version: Version) -> None:
     # points it again without a second history line (the last line already names this version).
     history = directory / "history.jsonl"
     text = history.read_text(encoding="utf-8") if history.exists() else ""
-    if _last_released(text) != version.version:
+    if last_released(text) != version.version:
         with open(history, "a", encoding="utf-8") as handle:
             torn = bool(text) and not text.endswith("\n")  # a line a kill cut short stays alone on its line
             handle.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
@@ -120,7 +120,7 @@ def point_latest(lake: Lake, version: Version) -> None:
     os.replace(tmp, directory / "LATEST")
 
 
-def _last_released(history: str) -> str | None:
+def last_released(history: str) -> str | None:
     """The version on the last complete line of history.jsonl (None if none, or if that line is torn)."""
     lines = history.splitlines()
     if not lines or not history.endswith("\n"):

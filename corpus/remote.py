@@ -318,9 +318,10 @@ class _RemoteVerifier:
                 self.problem(rel, "unlisted", "file not listed in the manifest", "absent", "present")
 
     def counts(self, ref: UpstreamRef, manifest: dict[str, Any], upstream: list[dict[str, Any]]) -> None:
-        # corpus.reconcile on the counts alone; the out_file's row count is read here from the Parquet footer.
+        # corpus.reconcile on the counts alone; the out_file's row count is read here from the Parquet footer
+        # (the dropped_file's reasons only by a local verify, after `corpus pull`).
         def version(m: dict[str, Any]) -> Version:
-            extra = {k: v for k, v in m.get("extra", {}).items() if k != "out_file"}
+            extra = {k: v for k, v in m.get("extra", {}).items() if k not in ("out_file", "dropped_file")}
             return Version(Path(self.where.root), m["asset"], m["partition"], m["version"], {**m, "extra": extra})
 
         for line in reconcile(version(manifest), [version(m) for m in upstream]):

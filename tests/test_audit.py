@@ -230,6 +230,20 @@ def test_tamper_unlisted_file_missing_version_and_broken_pointer(copy: Path) -> 
     assert not result.ok and len(result.problems) == 1 and "no release in" in result.problems[0]
 
 
+def test_latest_moved_back_behind_the_history_is_reported(copy: Path) -> None:
+    release = latest_release(copy)
+    history = copy / "releases" / "history.jsonl"
+    newer = {"version": "f" * 64, "manifest": "dataset_release/_all/" + "f" * 64 + "/manifest.json"}
+    history.write_text(history.read_text() + json.dumps(newer) + "\n")  # as if LATEST was set back after it
+    result = verify(copy)
+    (issue,) = result.issues
+    assert issue.path == str(copy / "releases" / "LATEST") and (issue.expected, issue.actual) == (
+        "f" * 64,
+        release.version,
+    )
+    assert f"names release {release.version[:12]}, but the newest in history.jsonl is ffffffffffff" in issue.message
+
+
 def test_tamper_release_document_and_manifest(copy: Path) -> None:
     release = latest_release(copy)
     document = json.loads(release.file("release.json").read_text())
@@ -665,3 +679,20 @@ def test_verify_a_single_manifest_and_a_manifest_outside_a_release(lake: Path) -
     assert result.ok and result.release is None and result.merkle_root is None
     assert result.versions == len(lineage(Lake(lake), [tokenized]))
     assert read_version(tokenized.path / MANIFEST).version == tokenized.version
+
+
+def test_links_and_stray_directories_in_a_version_are_reported(copy: Path) -> None:
+    windows = version_of(copy, "training_windows")
+    (windows.path / "outside").symlink_to("/tmp")
+    (windows.path / "empty").mkdir()
+    shard = next(iter(windows.files))
+    target = copy / "elsewhere.bin"
+    (windows.path / shard).rename(target)
+    (windows.path / shard).symlink_to(target)  # same bytes, through a link
+    issues = {(i.path, i.message) for i in verify(copy).issues}
+    assert (str(windows.path / "outside"), "a symbolic link to /tmp that no file of the manifest is in") in issues
+    assert (str(windows.path / "empty"), "a directory that no file of the manifest is in") in issues
+    assert (
+        str(windows.path / shard),
+        f"a symbolic link to {target}: a version holds its files, not links to them",
+    ) in issues

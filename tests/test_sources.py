@@ -113,3 +113,23 @@ def test_a_source_without_documents_says_why_before_anything_is_written(tmp_path
             build_raw_documents(spec, writer)
     (bad,) = items(spec)[1]
     assert bad.detail == "Unterminated string starting at: column 10"
+
+
+def test_quarantine_rows_reconcile_with_the_dropped_counts(tmp_path: Path) -> None:
+    """raw_documents names quarantine.parquet as its dropped_file: its reasons must match counts.dropped."""
+    from corpus.lake import Lake
+    from corpus.reconcile import reconcile
+    from corpus.stages.raw import QUARANTINE_SCHEMA, build_raw_documents
+
+    lines = [json.dumps({"text": "good"}), '{"text": broken', json.dumps({"text": 1}), '{"x": 2}']
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    spec = SourceSpec(name="chat", kind="jsonl", path=tmp_path / "chat.jsonl")
+    with Lake(tmp_path / "lake").writer("raw_documents", "chat") as writer:
+        version = build_raw_documents(spec, writer).version
+    assert version.extra["dropped_file"] == "quarantine.parquet" and reconcile(version) == []
+    pq.write_table(pa.Table.from_pylist([], schema=QUARANTINE_SCHEMA), version.path / "quarantine.parquet")
+    (problem,) = reconcile(version)
+    assert problem.endswith(
+        "quarantine.parquet rows per reason differ from dropped: malformed_json 0 (manifest 1), "
+        "missing_text_field 0 (manifest 1), text_not_string 0 (manifest 1)"
+    )

@@ -13,7 +13,7 @@ from corpus.sources import Quarantined, SourceError, read_source
 from corpus.stages import StageOutput
 from corpus.stages.io import DOCUMENT_SCHEMA, ParquetSink
 
-CODE_VERSION = "raw_documents/2"  # 2: a malformed-JSON detail reads "<message>: column N"
+CODE_VERSION = "raw_documents/2"  # 2: a malformed-JSON detail reads "<message>: column N"; dropped_file
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -81,7 +81,7 @@ def build_raw_documents(spec: SourceSpec, writer: VersionWriter) -> StageOutput:
         code_version=CODE_VERSION,
         config={"source": spec.to_dict()},
         counts=counts,
-        extra={"out_file": "documents.parquet"},
+        extra={"out_file": "documents.parquet", "dropped_file": "quarantine.parquet"},
     )
     return StageOutput(
         version=version,
