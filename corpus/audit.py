@@ -268,6 +268,7 @@ class _Verifier:
         self.lake = lake
         self.result = result
         self.on_problem = on_problem
+        self.walked: list[Version] = []  # the versions `walk` could open, in walk order
 
     def problem(self, path: Path | str, kind: str, message: str, expected: Any = None, actual: Any = None) -> None:
         self.result.add(str(path), kind, message, expected, actual, self.on_problem)
@@ -1085,6 +1086,133 @@ class _Verifier:
                 actual=release.version,
             )
 
+    # -- metrics.duckdb
+
+    def metrics(self, release: Version) -> None:
+        """The rows `corpus report` and the README's SQL read must say what the lake holds.
+
+        For every version verified and every run that recorded it: `materializations` has its code version
+        and counts, `drops` its dropped counts, and the tables that mirror a file of the version hold exactly
+        that file's rows (`quarantine` = quarantine.parquet, `duplicate_decisions` = decisions.parquet).
+        `smoke_training` rows of this release equal the result.json of the smoke_training version they name.
+        A lake without metrics.duckdb (e.g. one `corpus pull` made) has nothing to check.
+        """
+        path = self.lake.root / "metrics.duckdb"
+        if not path.is_file():
+            return
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+        except duckdb.Error as exc:
+            self.problem(path, "metrics", f"cannot open: {exc}")
+            return
+        try:
+            tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if "materializations" not in tables:
+                return
+            for version in self.walked:
+                self.metric_rows(con, tables, path, version)
+            if "smoke_training" in tables:
+                self.smoke_rows(con, path, release)
+        except duckdb.Error as exc:
+            self.problem(path, "metrics", f"cannot read: {exc}")
+        finally:
+            con.close()
+
+    def metric_rows(self, con: duckdb.DuckDBPyConnection, tables: set[str], path: Path, version: Version) -> None:
+        key = [version.asset, version.partition, version.version]
+        where = "asset = ? AND partition = ? AND version = ?"
+        name = f"{version.asset}[{version.partition}] {version.version[:12]}"
+        runs = con.execute(
+            f"SELECT run_id, code_version, counts, reused FROM materializations WHERE {where}", key
+        ).fetchall()
+        stated = {str(k): int(n) for k, n in dict(version.counts.get("dropped", {})).items() if int(n)}
+        for run_id, code_version, counts, reused in runs:
+            at = f"{name}, run {run_id}"
+            if code_version != version.manifest.get("code_version"):
+                self.problem(
+                    path,
+                    "metrics",
+                    f"materializations of {at}: code_version {code_version}, the manifest says "
+                    f"{version.manifest.get('code_version')}",
+                    expected=version.manifest.get("code_version"),
+                    actual=code_version,
+                )
+            if json.loads(counts) != version.counts:
+                self.problem(
+                    path,
+                    "metrics",
+                    f"materializations of {at}: counts differ from the manifest's",
+                    expected=json.dumps(version.counts, sort_keys=True),
+                    actual=counts,
+                )
+            if "drops" in tables:
+                rows = con.execute(
+                    f"SELECT reason, documents FROM drops WHERE {where} AND run_id = ?", [*key, run_id]
+                ).fetchall()
+                held = {str(r): int(n) for r, n in rows if int(n)}
+                if held != stated:
+                    self.problem(
+                        path,
+                        "metrics",
+                        f"drops of {at} differ from the manifest's dropped counts",
+                        expected=stated,
+                        actual=held,
+                    )
+            mirror = METRIC_MIRRORS.get(version.asset)
+            if mirror is None or mirror[0] not in tables or mirror[1] not in version.files:
+                continue
+            table, file = mirror
+            columns = ", ".join(f'"{c}"' for c in pq.read_schema(version.file(file)).names)
+            db = f"SELECT {columns} FROM {table} WHERE {where} AND run_id = ?"
+            if reused and not (con.execute(f"SELECT count(*) FROM ({db})", [*key, run_id]).fetchone() or (0,))[0]:
+                continue  # a run that reused the version records its rows once, under the run that built it
+            lake_rows = f"SELECT {columns} FROM read_parquet(?)"
+            extra, missing = con.execute(
+                f"SELECT (SELECT count(*) FROM ({db} EXCEPT ALL {lake_rows})), "
+                f"(SELECT count(*) FROM ({lake_rows} EXCEPT ALL {db}))",
+                [*key, run_id, str(version.file(file)), str(version.file(file)), *key, run_id],
+            ).fetchone() or (0, 0)
+            if extra or missing:
+                self.problem(
+                    path,
+                    "metrics",
+                    f"{table} rows of {at}: {extra} not in {version.path / file}, {missing} of its rows missing",
+                    expected=0,
+                    actual={"not_in_file": extra, "missing": missing},
+                )
+
+    def smoke_rows(self, con: duckdb.DuckDBPyConnection, path: Path, release: Version) -> None:
+        cursor = con.execute("SELECT * FROM smoke_training WHERE release_version = ?", [release.version])
+        names = [d[0] for d in cursor.description or []]
+        for values in cursor.fetchall():
+            row = dict(zip(names, values, strict=True))
+            directory = self.lake.partition_dir("smoke_training", str(row["partition"])) / str(row["version"])
+            if not (directory / MANIFEST).is_file():
+                continue  # removed by `corpus gc`; its rows stay as history
+            try:
+                smoke = self.lake.open("smoke_training", str(row["partition"]), str(row["version"]))
+                result = json.loads(smoke.file("result.json").read_text(encoding="utf-8"))[str(row["kind"])]
+                smoke.verify_files(["result.json"])
+            except (LakeError, OSError, ValueError, KeyError) as exc:
+                self.problem(path, "metrics", f"smoke_training row of {str(row['version'])[:12]}: {exc}")
+                continue
+            losses = result.get("losses") or [None]
+            expected = {
+                **{k: result.get(k) for k in SMOKE_ROW_FIELDS},
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
+            }
+            wrong = {k: row.get(k) for k, v in expected.items() if not _same_value(row.get(k), v)}
+            if wrong:
+                self.problem(
+                    path,
+                    "metrics",
+                    f"smoke_training row ({row['kind']}) of {str(row['version'])[:12]} differs from its result.json "
+                    f"in {', '.join(sorted(wrong))}",
+                    expected={k: expected[k] for k in wrong},
+                    actual=wrong,
+                )
+
     # -- walk
 
     def walk(self, root_dir: Path) -> Version | None:
@@ -1107,6 +1235,7 @@ class _Verifier:
                 version = self.open(self.lake.partition_dir(ref.asset, ref.partition) / ref.version, ref, cited_by)
             if version is None:
                 continue
+            self.walked.append(version)
             self.result.versions += 1
             upstream = self.upstream(version)
             for up in sorted(version.upstream, key=lambda r: (r.asset, r.partition, r.version), reverse=True):
@@ -1119,6 +1248,33 @@ class _Verifier:
             self.merkle(root, visited)
             self.pointer(root)
         return root
+
+
+# DuckDB tables that hold a copy of one file of each version of an asset: asset -> (table, file).
+METRIC_MIRRORS = {
+    "raw_documents": ("quarantine", "quarantine.parquet"),
+    "duplicate_clusters": ("duplicate_decisions", "decisions.parquet"),
+}
+# smoke_training columns copied as they are from the version's result.json (first/last loss come from `losses`).
+SMOKE_ROW_FIELDS = (
+    "device_type",
+    "device_name",
+    "precision",
+    "steps",
+    "relative_loss_drop",
+    "val_loss_before",
+    "val_loss_after",
+    "tokens_per_s",
+    "loader_wait_share",
+    "peak_memory_bytes",
+    "param_count",
+)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+    return bool(a == b)
 
 
 def verify(
@@ -1170,6 +1326,7 @@ def verify(
     root = checker.walk(root_dir)
     if root is not None and root.asset == RELEASE_ASSET:
         result.release = root.version
+        checker.metrics(root)
     if public_key is not None:
         from corpus.signing import SigningError, verify_release_signature
 
@@ -1746,11 +1903,16 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
         )
     else:
         fate = "kept, but not placed in the mixed stream"
+    # The text may be several records (exact duplicates): the top-level raw record is the one that was kept.
+    kept = next((r for r in records if r["fate"] == "kept"), None)
+    if kept is not None:
+        raw, filt, dedup, summary = _fate(stages, kept["source"], kept["uri"], prefer_kept=True)
+    shown = kept or records[0]
     return {
         "doc_id": doc_id,
         "release": rel.release.version,
         "fate": fate,
-        "raw": {**raw, "path": records[0]["path"], "key": records[0]["key"]},
+        "raw": {**raw, "path": shown["path"], "key": shown["key"]},
         "records": records,
         "filter": filt,
         "dedup": dedup,
@@ -1760,6 +1922,14 @@ def trace_document(lake_root: Path, doc_id: str) -> dict[str, Any]:
         ],
         "placements": placements,
     }
+
+
+def _kept_record(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """{source, uri} of the record of a text that no stage dropped ({} when every record was dropped)."""
+    for row in (s for s in stages if s["asset"] == "raw_documents" and s["file"] == "documents.parquet"):
+        if all(step["kept"] for step in _fate(stages, row["source"], row["uri"])[3]):
+            return {"source": row["source"], "uri": row["uri"]}
+    return {}
 
 
 def trace_file(lake_root: Path, path: str) -> dict[str, Any]:
@@ -1794,12 +1964,18 @@ def trace_file(lake_root: Path, path: str) -> dict[str, Any]:
     for r in records:
         _, filt, dedup, summary = _fate(stages.get(r["doc_id"], []), r["source"], r["uri"])
         r["filter"] = {k: filt.get(k) for k in ("kept", "reason", "quality", "language") if k in filt}
-        r["dedup"] = {k: dedup.get(k) for k in ("cluster_id", "kept", "reason", "kept_doc_id") if k in dedup}
+        r["dedup"] = {
+            k: dedup.get(k) for k in ("cluster_id", "kept", "reason", "kept_source", "kept_doc_id") if k in dedup
+        }
         r["stages"] = summary
-        r["placements"] = [
+        placements = [
             {k: p[k] for k in ("split", "placements", "tokens")} for p in placed if p["doc_id"] == r["doc_id"]
         ]
         dropped = next((s for s in summary if not s["kept"]), None)
+        r["placements"] = [] if dropped else placements
+        if dropped and placements:
+            # The same text (same doc_id) reached the stream from another record, the copy dedup kept.
+            r["trained_via"] = {**_kept_record(stages.get(r["doc_id"], [])), "placements": placements}
         r["fate"] = (
             f"dropped by {dropped['stage']}: {dropped['reason']}"
             if dropped

@@ -485,6 +485,13 @@ def test_trace_document_kept_and_dropped(lake: Path) -> None:
     assert records[("books", "copy.txt")]["path"].endswith("/books/copy.txt")
     kept = [r for r in same_text["records"] if r["fate"] == "kept"]
     assert len(kept) == 1 and same_text["fate"].startswith("trained on")
+    assert (same_text["raw"]["source"], same_text["raw"]["uri"]) == (kept[0]["source"], kept[0]["uri"])
+    # trace file: the dropped copy was not trained on; the same text was, from the copy dedup kept.
+    (copy,) = audit.trace_file(lake, "copy.txt")["records"]
+    assert copy["fate"] == "dropped by duplicate_clusters: exact_duplicate" and copy["placements"] == []
+    via = copy["trained_via"]
+    assert (via["source"], via["uri"]) == (kept[0]["source"], kept[0]["uri"]) and via["placements"]
+    assert copy["dedup"]["kept_source"] == kept[0]["source"]
     # A document the quality rules dropped: its reason, and no placement.
     con = duckdb.connect()
     path = version_of(lake, "filtered_documents", "web").path / "decisions.parquet"
@@ -696,3 +703,29 @@ def test_links_and_stray_directories_in_a_version_are_reported(copy: Path) -> No
         str(windows.path / shard),
         f"a symbolic link to {target}: a version holds its files, not links to them",
     ) in issues
+
+
+def test_metrics_rows_that_disagree_with_the_lake_are_reported(copy: Path) -> None:
+    """The figures `corpus report` and the README's SQL read are checked against the files they describe."""
+    assert verify(copy).ok
+    db = copy / "metrics.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("UPDATE smoke_training SET last_loss = 1.0, device_name = 'NVIDIA H100'")
+        con.execute("DELETE FROM quarantine WHERE source = 'chat'")
+        con.execute("UPDATE duplicate_decisions SET kept = NOT kept WHERE row = 0")
+        con.execute("UPDATE materializations SET code_version = 'x/9' WHERE asset = 'tokenized_documents'")
+        con.execute("UPDATE drops SET documents = documents + 1 WHERE asset = 'raw_documents'")
+    messages = [i.message for i in verify(copy).issues if i.path == str(db)]
+    assert any(
+        m.startswith("quarantine rows of raw_documents[chat] ")
+        and m.endswith(
+            "0 not in "
+            + str(version_of(copy, "raw_documents", "chat").path / "quarantine.parquet")
+            + ", 1 of its rows missing"
+        )
+        for m in messages
+    ), messages
+    assert any(m.startswith("duplicate_decisions rows of duplicate_clusters[_all] ") for m in messages)
+    assert any("materializations of tokenized_documents[" in m and "code_version x/9" in m for m in messages)
+    assert any(m.startswith("drops of raw_documents[") for m in messages)
+    assert sum("differs from its result.json in device_name, last_loss" in m for m in messages) == 2

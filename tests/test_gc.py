@@ -101,7 +101,7 @@ def test_keep_one_removes_only_what_the_newest_release_does_not_need(
     out = capsys.readouterr().out
     assert f"removed {len(expected)} versions" in out.splitlines()[-1]
     assert all_versions(lake) == made_in(run_b)
-    assert verify(lake).ok
+    assert verify(lake).ok, verify(lake).problems
     assert cli.main(["verify", "--lake", str(lake)]) == 0
     for asset, partition, _ in expected:  # no memo names a removed version
         for memo in (lake / asset / partition / ".inputs").glob("*.json"):

@@ -78,6 +78,8 @@ def forge_release(lake: Lake, edit_final: dict) -> Version:
     record = json.loads(pointer.read_text())
     record.update(version=forged.version, merkle_root=root, manifest=str(forged.manifest_path.relative_to(lake.root)))
     pointer.write_text(json.dumps(record, sort_keys=True) + "\n")
+    with open(lake.root / "releases" / "history.jsonl", "a") as history:  # else verify reports LATEST moved
+        history.write(json.dumps(record, sort_keys=True) + "\n")
     return forged
 
 
