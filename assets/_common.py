@@ -168,9 +168,29 @@ def upstream_version(
     if entry is None:
         raise dg.Failure(f"latest materialization of {where} carries no 'version' metadata")
     try:
-        return pipeline.store().open(asset, partition, str(entry.value))
+        version = pipeline.store().open(asset, partition, str(entry.value))
     except LakeError as exc:
         raise dg.Failure(f"upstream {where}: {exc}") from exc
+    failed = failed_blocking_checks(pipeline, version, records[0].run_id)
+    if failed:
+        raise dg.Failure(
+            f"upstream {where} version {version.version[:12]} failed its blocking check "
+            + "; ".join(f"{row['check_name']} ({row['description'] or row['metadata']})" for row in failed)
+            + f" in run {records[0].run_id}: fix the cause and materialize {where} again before building on it"
+        )
+    return version
+
+
+def failed_blocking_checks(pipeline: PipelineResource, version: Version, run_id: str) -> list[dict[str, Any]]:
+    """The blocking checks `version` failed when run `run_id` materialized it ([] when none, or not recorded)."""
+    store = pipeline.metrics()
+    if "asset_checks" not in store.tables():
+        return []
+    return store.query(
+        "SELECT check_name, description, metadata FROM asset_checks WHERE asset = ? AND partition = ? "
+        "AND version = ? AND run_id = ? AND blocking AND NOT passed ORDER BY check_name",
+        [version.asset, version.partition, version.version, run_id],
+    )
 
 
 def partition_of(context: dg.AssetExecutionContext) -> str | None:
@@ -258,6 +278,26 @@ def publish(
                 metadata={"problems": dg.MetadataValue.json(problems), "counts": dg.MetadataValue.json(counts)},
             ),
         )
+    # Recorded so that a downstream asset never builds on a version whose blocking check failed (Dagster
+    # itself stops only the run the check failed in; a later run would read the version as the latest).
+    blocking = {spec.name for spec in context.assets_def.check_specs if spec.blocking}
+    pipeline.metrics().write(
+        key,
+        {
+            "asset_checks": [
+                {
+                    "check_name": check.check_name,
+                    "passed": bool(check.passed),
+                    "blocking": check.check_name in blocking,
+                    "description": check.description,
+                    "metadata": json.dumps(
+                        {k: getattr(v, "value", v) for k, v in (check.metadata or {}).items()}, default=str
+                    ),
+                }
+                for check in check_results
+            ]
+        },
+    )
     how = "reused" if reused else "built"
     context.log.info(f"{version.asset}[{partition or UNPARTITIONED}] {how} {version.version[:16]} {counts}")
     return dg.MaterializeResult(

@@ -165,6 +165,9 @@ def diff_releases(old: Version, new: Version) -> dict[str, Any]:
         a, b = old_keys.get((asset, partition)), new_keys.get((asset, partition))
         status = "unchanged" if a == b else "added" if a is None else "removed" if b is None else "changed"
         versions.append({"asset": asset, "partition": partition, "old": a, "new": b, "status": status})
+    settings = _setting_changes(
+        {(v.asset, v.partition): v for v in old_versions}, {(v.asset, v.partition): v for v in new_versions}
+    )
     return {
         "old": {
             "release": old.version,
@@ -177,10 +180,46 @@ def diff_releases(old: Version, new: Version) -> dict[str, Any]:
             "manifest": str(new.manifest_path),
         },
         "identical": old.version == new.version,
+        "settings": settings,
         "sources": per_source,
         "totals": totals,
         "versions": versions,
     }
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list) and any(isinstance(item, dict | list) for item in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def _setting_changes(old: dict[tuple[str, str], Version], new: dict[tuple[str, str], Version]) -> list[dict[str, Any]]:
+    """The settings (manifest `config` entries and code versions) that differ between the versions an asset
+    partition has in the two releases: what was changed to make the new release, one entry per setting with
+    the asset partitions it reached."""
+    changes: dict[tuple[str, str, str], list[str]] = {}
+    for key in sorted(set(old) & set(new)):
+        a, b = old[key], new[key]
+        if a.version == b.version:
+            continue
+        before = {"code_version": a.manifest.get("code_version"), **_flatten(a.manifest.get("config", {}), "config")}
+        after = {"code_version": b.manifest.get("code_version"), **_flatten(b.manifest.get("config", {}), "config")}
+        for name in sorted(set(before) | set(after)):
+            if before.get(name) != after.get(name):
+                change = (name, json.dumps(before.get(name)), json.dumps(after.get(name)))
+                changes.setdefault(change, []).append(f"{key[0]}[{key[1]}]")
+    return [
+        {"setting": name, "old": json.loads(a), "new": json.loads(b), "assets": assets}
+        for (name, a, b), assets in sorted(changes.items())
+    ]
 
 
 def _change(old: float, new: float, pp: bool = False) -> dict[str, Any]:
@@ -197,6 +236,13 @@ def format_diff(diff: dict[str, Any]) -> str:
     lines.append(f"new release {new['release']}  (merkle {new['merkle_root']})")
     if diff["identical"]:
         lines.append("identical: same release version, every byte the same")
+    if diff.get("settings"):
+        lines.append("")
+        lines.append("settings changed:")
+        for change in diff["settings"]:
+            reached = change["assets"]
+            where = ", ".join(reached[:3]) + (f" and {len(reached) - 3} more" if len(reached) > 3 else "")
+            lines.append(f"  {change['setting']}: {change['old']!r} -> {change['new']!r}  ({where})")
     lines.append("")
     header = (
         f"{'source':<14} {'raw +':>8} {'raw -':>8} {'docs':>17} {'docs +':>8} {'docs -':>8} "

@@ -18,6 +18,8 @@ Definitions, same assets, same versions: the executor decides where steps run, n
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import dagster as dg
 import yaml
 
 from assets import dedup, mixing, quality, raw, release, shards, tokens, training
-from corpus.config import load_manifest
+from corpus.config import SourcesManifest, load_manifest
 from orchestration.automation import build_automation
 from orchestration.resources import PipelineResource, default_lake, default_sources
 
@@ -108,13 +110,40 @@ def build_executor() -> dg.ExecutorDefinition:
     return executor if config is None else executor.configured(config, name=executor.name)
 
 
+def settings_digest(manifest: SourcesManifest, with_pipeline: bool = True) -> str:
+    """sha256 of the manifest's settings an asset reads: the source specs, and the pipeline section."""
+    settings = {
+        "sources": [spec.to_dict() for spec in manifest.sources],
+        "pipeline": manifest.pipeline.to_dict() if with_pipeline else None,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def with_settings_versions(assets: list[dg.AssetsDefinition], manifest: SourcesManifest) -> list[dg.AssetsDefinition]:
+    """Each asset's Dagster code version with the digest of the manifest settings it reads appended.
+
+    Dagster's staleness compares code versions and upstream data versions; without this, editing
+    sources.yaml left every asset "fresh" in the UI until something was rematerialized. After a reload of the
+    code location, the assets whose settings changed show "code version changed". raw_documents reads the
+    source specs only. The lake's own code versions (manifests, memo keys) are the stages' and do not change.
+    """
+    everything = settings_digest(manifest)[:12]
+    specs_only = settings_digest(manifest, with_pipeline=False)[:12]
+
+    def stamp(spec: dg.AssetSpec) -> dg.AssetSpec:
+        digest = specs_only if spec.key == dg.AssetKey("raw_documents") else everything
+        return spec.replace_attributes(code_version=f"{spec.code_version}+settings.{digest}")
+
+    return list(dg.map_asset_specs(stamp, assets))
+
+
 def build_definitions(sources: Path | None = None, lake: Path | None = None) -> dg.Definitions:
     sources = sources or default_sources()
     lake = lake or default_lake()
     manifest = load_manifest(sources)
     partitions = dg.StaticPartitionsDefinition(manifest.source_names)
     modules = (raw, quality, dedup, tokens, mixing, shards, release, training)
-    assets = [asset for module in modules for asset in module.build(partitions)]
+    assets = with_settings_versions([asset for module in modules for asset in module.build(partitions)], manifest)
     jobs = [
         dg.define_asset_job(
             phase.job,

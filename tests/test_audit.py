@@ -596,6 +596,25 @@ def test_diff_between_two_releases(lake: Path, tmp_path: Path, capsys: pytest.Ca
     assert f"old release {old.version}" in text and "books" in text
     same = diff_releases(old, old)
     assert same["identical"] and all(v["status"] == "unchanged" for v in same["versions"])
+    # The second run read its sources from another directory; no other setting changed.
+    assert {c["setting"].rsplit(".", 1)[-1] for c in out["settings"]} == {"path"} and same["settings"] == []
+    assert "settings changed:\n  config.source.path: " in text
+
+
+def test_diff_names_the_settings_that_changed(tmp_path: Path) -> None:
+    from corpus.diff import _setting_changes
+
+    def version(temperature: float, code: str) -> Version:
+        with Lake(tmp_path).writer("mixture_plan") as writer:
+            writer.path("plan.json").write_text(str(temperature))
+            return writer.commit(code_version=code, config={"pipeline": {"temperature": temperature, "seed": 1}})
+
+    old, new = version(0.7, "mixture_plan/2"), version(0.5, "mixture_plan/3")
+    changes = _setting_changes({("mixture_plan", "_all"): old}, {("mixture_plan", "_all"): new})
+    assert changes == [
+        {"setting": "code_version", "old": "mixture_plan/2", "new": "mixture_plan/3", "assets": ["mixture_plan[_all]"]},
+        {"setting": "config.pipeline.temperature", "old": 0.7, "new": 0.5, "assets": ["mixture_plan[_all]"]},
+    ]
 
 
 def test_openlineage_events_for_every_materialization(lake: Path, tmp_path: Path) -> None:

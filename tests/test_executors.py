@@ -235,3 +235,54 @@ def test_a_failed_blocking_check_is_reported_with_its_reason() -> None:
     message = cli._failure_message(dg.materialize([thing], raise_on_error=False))
     assert "check share_ok on thing failed: 90% dropped, ceiling 50%" in message
     assert "check bare on other failed: n=3" in cli._failure_message(dg.materialize([other], raise_on_error=False))
+
+
+def test_a_version_that_failed_a_blocking_check_is_not_built_upon(tmp_path: Path) -> None:
+    """Dagster stops only the run a blocking check failed in; the next run must not read that version."""
+    from assets._common import upstream_version
+    from corpus.lake import Lake
+    from corpus.metrics import MetricsStore
+    from orchestration.resources import PipelineResource
+
+    lake = tmp_path / "lake"
+    with Lake(lake).writer("mixed_tokens") as writer:
+        writer.path("x.bin").write_bytes(b"x")
+        version = writer.commit(code_version="1", config={})
+    pipeline = PipelineResource(sources=str(tmp_path / "sources.yaml"), lake=str(lake))
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization("mixed_tokens", metadata={"version": version.version})
+        )
+        (record,) = instance.fetch_materializations(dg.AssetKey("mixed_tokens"), limit=1).records
+        context = dg.build_asset_context(instance=instance)
+        assert upstream_version(context, pipeline, "mixed_tokens") == version  # nothing recorded: readable
+        key = {"asset": "mixed_tokens", "partition": "_all", "version": version.version, "run_id": record.run_id}
+        row = {"check_name": "share_ok", "passed": False, "blocking": True, "description": "0.55 pp > 0.5 pp"}
+        MetricsStore(lake / "metrics.duckdb").write(key, {"asset_checks": [{**row, "metadata": "{}"}]})
+        with pytest.raises(
+            dg.Failure,
+            match=r"upstream mixed_tokens version .{12} failed its blocking check "
+            r"share_ok \(0\.55 pp > 0\.5 pp\) in run .*: fix the cause and materialize mixed_tokens",
+        ):
+            upstream_version(context, pipeline, "mixed_tokens")
+        row = {**row, "blocking": False}
+        MetricsStore(lake / "metrics.duckdb").write(key, {"asset_checks": [{**row, "metadata": "{}"}]})
+        assert upstream_version(context, pipeline, "mixed_tokens") == version  # a warning check does not block
+
+
+def test_code_versions_carry_the_manifest_settings_so_the_ui_sees_an_edit(tmp_path: Path) -> None:
+    """Editing sources.yaml then reloading marks assets stale ('code version changed') in the Dagster UI."""
+    manifest = crash_manifest(tmp_path)
+
+    def versions() -> dict[str, str]:
+        defs = build_definitions(manifest, tmp_path / "lake")
+        return {k.to_user_string(): v for a in defs.assets for k, v in a.code_versions_by_key.items()}
+
+    before = versions()
+    assert before["raw_documents"].startswith("raw_documents/") and "+settings." in before["raw_documents"]
+    manifest.write_text(manifest.read_text().replace("  max_length: 32\n", "  max_length: 48\n"))
+    after = versions()
+    assert after["raw_documents"] == before["raw_documents"]  # reads the source specs only
+    assert all(after[name] != before[name] for name in before if name != "raw_documents")
+    manifest.write_text(manifest.read_text().replace("profile: prose}", "profile: code}", 1))
+    assert versions()["raw_documents"] != before["raw_documents"]

@@ -1,6 +1,7 @@
 import hashlib
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -490,3 +491,25 @@ def test_interleaving_alternates_equal_sources():
     assert layout.stream_start.tolist() == [0, 10, 20, 30, 40, 50, 60, 70]
     stats = interleaving_stats(layout)
     assert stats["same_source_pairs"] == 0 and stats["random_expectation"] == 0.5 and stats["longest_run"] == 1
+
+
+def test_share_check_allows_one_document_of_a_source_of_few_long_documents(tmp_path: Path) -> None:
+    """A part-epoch takes whole documents: a source whose one document is 4% of the stream may miss its target
+    by up to that, not by the fixed 0.5 pp."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from assets.mixing import share_tolerances_pp
+    from corpus.lake import Lake
+
+    versions = []
+    for name, lengths in (("books", [1556]), ("web", [10, 20, 30])):
+        with Lake(tmp_path).writer("tokenized_documents", name) as writer:
+            pq.write_table(pa.table({"length": lengths}), writer.path("index.parquet"))
+            versions.append(writer.commit(code_version="1", config={}))
+    mixture = [
+        {"source": "books", "realized_tokens": 6224, "share_error_pp": 0.55},
+        {"source": "web", "realized_tokens": 33776, "share_error_pp": -0.55},
+    ]
+    allowed = share_tolerances_pp(mixture, versions)
+    assert allowed == {"books": pytest.approx(100 * 1556 / 40000), "web": 0.5}
