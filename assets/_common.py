@@ -31,6 +31,7 @@ from corpus.lake import (
     fingerprint_libraries,
     input_fingerprint,
 )
+from corpus.metrics import MetricsError
 from corpus.reconcile import reconcile
 from corpus.sources import source_files
 from corpus.stages import StageOutput
@@ -171,7 +172,10 @@ def upstream_version(
         version = pipeline.store().open(asset, partition, str(entry.value))
     except LakeError as exc:
         raise dg.Failure(f"upstream {where}: {exc}") from exc
-    failed = failed_blocking_checks(pipeline, version, records[0].run_id)
+    try:
+        failed = failed_blocking_checks(pipeline, version, records[0].run_id)
+    except MetricsError as exc:  # fail closed, as a Failure callers can handle
+        raise dg.Failure(f"upstream {where}: cannot read its check results: {exc}") from exc
     if failed:
         raise dg.Failure(
             f"upstream {where} version {version.version[:12]} failed its blocking check "

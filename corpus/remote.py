@@ -29,6 +29,7 @@ atomic rename and fsync have no object-store equivalent, and every stage reads l
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -45,12 +46,13 @@ import pyarrow.parquet as pq
 from corpus.audit import Problem, VerifyResult, streaming_merkle_root
 from corpus.lake import HASH_CHUNK, MANIFEST, Lake, LakeError, UpstreamRef, Version, manifest_version
 from corpus.reconcile import reconcile
-from corpus.release import RELEASE_ASSET, latest_release, lineage
+from corpus.release import RELEASE_ASSET, last_released, latest_release, lineage
 
 if TYPE_CHECKING:
     from corpus.loader import WindowShards
 
 LATEST = "releases/LATEST"
+HISTORY = "releases/history.jsonl"
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,17 @@ def copy_release(
             "manifest": f"{version_dir(release)}/{MANIFEST}",
             "merkle_root": result.merkle_root,
         }
+        # As corpus.release.point_latest: the history's line first, then the pointer, so the target's
+        # LATEST always names the newest release of its history (`corpus verify` reports it otherwise).
+        try:
+            history = target.fs.cat_file(target.path(HISTORY)).decode("utf-8")
+        except FileNotFoundError:
+            history = ""
+        if last_released(history) != release.version:
+            record = {**pointer, "released_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+            torn = bool(history) and not history.endswith("\n")
+            line = ("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n"
+            _put_atomically(target, HISTORY, (history + line).encode("utf-8"))
         _put_atomically(target, LATEST, (json.dumps(pointer, sort_keys=True) + "\n").encode("utf-8"))
     return result
 

@@ -403,6 +403,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True))
     else:
+        for what in result.not_checked:
+            print(f"not checked: {what}")
         status = "OK" if result.ok else f"FAILED ({len(result.problems)} problems)"
         signed = f", signed by key {result.signed_by}" if result.signed_by else ""
         print(f"{status}: {result.versions} versions, {result.files} files, {result.bytes:,} bytes re-hashed{signed}")

@@ -748,3 +748,21 @@ def test_metrics_rows_that_disagree_with_the_lake_are_reported(copy: Path) -> No
     assert any("materializations of tokenized_documents[" in m and "code_version x/9" in m for m in messages)
     assert any(m.startswith("drops of raw_documents[") for m in messages)
     assert sum("differs from its result.json in device_name, last_loss" in m for m in messages) == 2
+
+
+def test_metrics_locked_by_a_writer_are_left_unchecked_not_failed(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `corpus run` (or a duckdb shell) writing metrics.duckdb must not make verify fail; it says what it skipped."""
+    import corpus.metrics
+
+    db = copy / "metrics.duckdb"
+    code = f"import duckdb, time; c = duckdb.connect({str(db)!r}); print('ready', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        monkeypatch.setattr(corpus.metrics, "LOCK_TIMEOUT_S", 0.5)
+        result = verify(copy)
+        assert result.ok and len(result.not_checked) == 1 and result.not_checked[0].startswith(f"{db}: cannot open")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert verify(copy).not_checked == []

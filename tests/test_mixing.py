@@ -494,12 +494,12 @@ def test_interleaving_alternates_equal_sources():
 
 
 def test_share_check_allows_one_document_of_a_source_of_few_long_documents(tmp_path: Path) -> None:
-    """A part-epoch takes whole documents: a source whose one document is 4% of the stream may miss its target
-    by up to that, not by the fixed 0.5 pp."""
+    """A part-epoch takes whole documents: books, one document of 1,556 tokens, overshoots its target by most of
+    it, which moves both shares by 0.55 pp; each source is within one of its documents of its target tokens."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from assets.mixing import share_tolerances_pp
+    from assets.mixing import shares_off_plan
     from corpus.lake import Lake
 
     versions = []
@@ -508,8 +508,13 @@ def test_share_check_allows_one_document_of_a_source_of_few_long_documents(tmp_p
             pq.write_table(pa.table({"length": lengths}), writer.path("index.parquet"))
             versions.append(writer.commit(code_version="1", config={}))
     mixture = [
-        {"source": "books", "realized_tokens": 6224, "share_error_pp": 0.55},
-        {"source": "web", "realized_tokens": 33776, "share_error_pp": -0.55},
+        {"source": "books", "target_tokens": 5000, "realized_tokens": 6224, "share_error_pp": 0.55},
+        {"source": "web", "target_tokens": 33770, "realized_tokens": 33776, "share_error_pp": -0.55},
     ]
-    allowed = share_tolerances_pp(mixture, versions)
-    assert allowed == {"books": pytest.approx(100 * 1556 / 40000), "web": 0.5}
+    assert shares_off_plan(mixture, versions) == []
+    mixture[1] = {**mixture[1], "realized_tokens": 33700}  # 70 tokens short: more than its longest document
+    assert [(r["source"], r["token_gap"], r["longest_document"]) for r in shares_off_plan(mixture, versions)] == [
+        ("web", -70, 30)
+    ]
+    mixture[1] = {**mixture[1], "share_error_pp": 0.4}  # within the tolerance whatever the tokens
+    assert shares_off_plan(mixture, versions) == []

@@ -1,6 +1,7 @@
 """corpus.remote on fsspec's memory:// filesystem: push a release, verify it there, load shards, pull it back."""
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +146,22 @@ def test_pull_then_full_local_verify(lake: Path, tmp_path: Path) -> None:
     assert latest_release(pulled).version == latest_release(lake).version
     result = verify(pulled)  # every check of corpus.audit, structure included
     assert result.ok, result.problems
+
+
+def test_pull_into_a_lake_with_its_own_newer_release_records_it_in_the_history(lake: Path, tmp_path: Path) -> None:
+    """The pulled release becomes LATEST and the newest line of history.jsonl, so verify sees no rollback."""
+    assert cli.main(["push", "--to", URL, "--lake", str(lake)]) == 0
+    assert cli.main(["push", "--to", URL, "--lake", str(lake)]) == 0  # again: no second history line
+    pushed = fsspec.filesystem("memory").cat_file("/bucket/corpus/releases/history.jsonl").decode().splitlines()
+    assert [json.loads(line)["version"] for line in pushed] == [latest_release(lake).version]
+    local = tmp_path / "local"
+    shutil.copytree(lake, local, ignore=shutil.ignore_patterns("dagster_home"))
+    with open(local / "releases" / "history.jsonl", "a") as history:  # this lake made a newer release since
+        history.write(json.dumps({"version": "e" * 64}) + "\n")
+    assert cli.main(["pull", URL, "--lake", str(local)]) == 0
+    lines = (local / "releases" / "history.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["version"] == latest_release(lake).version
+    assert verify(local).ok, verify(local).problems
 
 
 def test_is_remote() -> None:
