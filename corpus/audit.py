@@ -640,15 +640,10 @@ class _Verifier:
     ) -> None:
         """Every token of every document of the split is in exactly one piece: per document, the pieces'
         (offset, length) tile [0, length). Reads three int64 columns of the piece tables (24 bytes a piece)."""
-        paths = [version.path / str(s["dir"]) / f"{n}.npy" for s in shards for n in PIECE_COVERAGE]
-        if not all(path.is_file() for path in paths):
+        if not all((version.path / str(s["dir"]) / f"{n}.npy").is_file() for s in shards for n in PIECE_COVERAGE):
             return  # reported as missing files
         try:
-            parts = [
-                [np.load(version.path / str(s["dir"]) / f"{n}.npy", mmap_mode="r") for n in PIECE_COVERAGE]
-                for s in shards
-            ]
-            doc, offset, length = (np.concatenate([np.asarray(p[k], dtype=np.int64) for p in parts]) for k in range(3))
+            doc, offset, length = piece_columns(version, shards, PIECE_COVERAGE)
         except (OSError, ValueError) as exc:
             self.problem(version.path / split, "structure", f"cannot read the piece tables: {exc}")
             return
@@ -1128,6 +1123,19 @@ class _Verifier:
         stated = {str(k): int(n) for k, n in dict(version.counts.get("dropped", {})).items() if int(n)}
         for run_id, code_version, counts, reused in runs:
             at = f"{name}, run {run_id}"
+            try:
+                recorded_counts = json.loads(counts)
+                drops = (
+                    con.execute(
+                        f"SELECT reason, documents FROM drops WHERE {where} AND run_id = ?", [*key, run_id]
+                    ).fetchall()
+                    if "drops" in tables
+                    else None
+                )
+                held = None if drops is None else {str(r): int(n) for r, n in drops if int(n)}
+            except (TypeError, ValueError) as exc:  # NULL or garbage where counts belong
+                self.problem(path, "metrics", f"materializations or drops of {at}: unreadable row ({exc})")
+                continue
             if code_version != version.manifest.get("code_version"):
                 self.problem(
                     path,
@@ -1137,7 +1145,7 @@ class _Verifier:
                     expected=version.manifest.get("code_version"),
                     actual=code_version,
                 )
-            if json.loads(counts) != version.counts:
+            if recorded_counts != version.counts:
                 self.problem(
                     path,
                     "metrics",
@@ -1145,19 +1153,8 @@ class _Verifier:
                     expected=json.dumps(version.counts, sort_keys=True),
                     actual=counts,
                 )
-            if "drops" in tables:
-                rows = con.execute(
-                    f"SELECT reason, documents FROM drops WHERE {where} AND run_id = ?", [*key, run_id]
-                ).fetchall()
-                held = {str(r): int(n) for r, n in rows if int(n)}
-                if held != stated:
-                    self.problem(
-                        path,
-                        "metrics",
-                        f"drops of {at} differ from the manifest's dropped counts",
-                        expected=stated,
-                        actual=held,
-                    )
+            if held is not None and held != stated:
+                self.problem(path, "metrics", f"drops of {at} differ from the manifest's dropped counts", stated, held)
             mirror = METRIC_MIRRORS.get(version.asset)
             if mirror is None or mirror[0] not in tables or mirror[1] not in version.files:
                 continue
@@ -1588,16 +1585,21 @@ def _packed_piece_table(rel: _Release, split: str) -> tuple[np.ndarray, np.ndarr
         packed, shards = _packed_shards(rel, split)
     except LakeError:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    parts = [
-        (
-            np.load(packed.path / str(s["dir"]) / "piece_doc.npy", mmap_mode="r"),
-            np.load(packed.path / str(s["dir"]) / "piece_row.npy", mmap_mode="r") + int(s["first_row"]),
-            np.load(packed.path / str(s["dir"]) / "piece_doc_offset.npy", mmap_mode="r"),
-        )
-        for s in shards
-    ]
-    doc, row, offset = (np.concatenate([np.asarray(part[k]) for part in parts]) for k in range(3))
+    doc, row, offset = piece_columns(packed, shards, ("piece_doc", "piece_row", "piece_doc_offset"))
     return doc, row, offset
+
+
+def piece_columns(packed: Version, shards: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[np.ndarray]:
+    """Columns `names` of a split's piece tables, all its shards concatenated in row order, as int64;
+    `piece_row` is made a row of the split (a shard's rows count from 0, its manifest `first_row` places them)."""
+    columns = []
+    for name in names:
+        parts = []
+        for shard in shards:
+            part = np.asarray(np.load(packed.path / str(shard["dir"]) / f"{name}.npy", mmap_mode="r"), dtype=np.int64)
+            parts.append(part + int(shard["first_row"]) if name == "piece_row" else part)
+        columns.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+    return columns
 
 
 def _piece_offset(stream_index: Path) -> str:

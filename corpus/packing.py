@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from corpus.lake import Version
 from corpus.layout import PACKED_FILES
 from corpus.masks import block_causal_mask
 
@@ -531,7 +532,7 @@ class PackedDataset:
         self._paths: list[dict[str, Path]] | None = None  # set by open_packed: pickles as paths, not arrays
         # The lake version and split the rows come from (corpus.loader.open_packed_shards sets them); they
         # name the data in a ShardLoader's state_dict.
-        self.version: Any = None
+        self.version: Version | None = None
         self.split: str | None = None
         self._set_views()
 

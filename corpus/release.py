@@ -110,14 +110,23 @@ def point_latest(lake: Lake, version: Version) -> None:
     # History first, then the pointer: a kill in between leaves LATEST on the previous release, and the rerun
     # points it again without a second history line (the last line already names this version).
     history = directory / "history.jsonl"
-    text = history.read_text(encoding="utf-8") if history.exists() else ""
-    if last_released(text) != version.version:
+    line = history_line(history.read_text(encoding="utf-8") if history.exists() else "", record)
+    if line:
         with open(history, "a", encoding="utf-8") as handle:
-            torn = bool(text) and not text.endswith("\n")  # a line a kill cut short stays alone on its line
-            handle.write(("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n")
+            handle.write(line)
     tmp = directory / f".tmp-{os.getpid()}-LATEST"
     tmp.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, directory / "LATEST")
+
+
+def history_line(history: str, record: dict[str, Any]) -> str:
+    """What to append to history.jsonl's text `history` for release `record`: nothing when its last line
+    already names that release (a rerun after a kill between the two writes), else the record's line, on a
+    line of its own after a line a kill cut short."""
+    if last_released(history) == record["version"]:
+        return ""
+    torn = bool(history) and not history.endswith("\n")
+    return ("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n"
 
 
 def last_released(history: str) -> str | None:

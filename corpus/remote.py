@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from corpus.audit import Problem, VerifyResult, streaming_merkle_root
 from corpus.lake import HASH_CHUNK, MANIFEST, Lake, LakeError, UpstreamRef, Version, manifest_version
 from corpus.reconcile import reconcile
-from corpus.release import RELEASE_ASSET, last_released, latest_release, lineage
+from corpus.release import RELEASE_ASSET, history_line, latest_release, lineage
 
 if TYPE_CHECKING:
     from corpus.loader import WindowShards
@@ -246,10 +246,9 @@ def copy_release(
             history = target.fs.cat_file(target.path(HISTORY)).decode("utf-8")
         except FileNotFoundError:
             history = ""
-        if last_released(history) != release.version:
-            record = {**pointer, "released_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-            torn = bool(history) and not history.endswith("\n")
-            line = ("\n" if torn else "") + json.dumps(record, sort_keys=True) + "\n"
+        record = {**pointer, "released_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        line = history_line(history, record)
+        if line:  # an object store has no append: the whole file, replaced
             _put_atomically(target, HISTORY, (history + line).encode("utf-8"))
         _put_atomically(target, LATEST, (json.dumps(pointer, sort_keys=True) + "\n").encode("utf-8"))
     return result

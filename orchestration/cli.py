@@ -376,10 +376,12 @@ def _lake(args: argparse.Namespace) -> Path:
     try:
         return lake_path(args.lake)
     except ValueError as exc:
+        from corpus.remote import is_remote
+
         hint = (
             f"; `corpus {args.command}` works on a local lake (`corpus verify` reads a remote one, "
             f"`corpus pull {args.lake} --lake DIR` copies it here)"
-            if "://" in args.lake and not args.lake.startswith("file://")
+            if is_remote(args.lake)
             else ""
         )
         raise CliError(f"--lake {exc}{hint}") from None

@@ -748,6 +748,12 @@ def test_metrics_rows_that_disagree_with_the_lake_are_reported(copy: Path) -> No
     assert any("materializations of tokenized_documents[" in m and "code_version x/9" in m for m in messages)
     assert any(m.startswith("drops of raw_documents[") for m in messages)
     assert sum("differs from its result.json in device_name, last_loss" in m for m in messages) == 2
+    with duckdb.connect(str(db)) as con:  # a NULL where counts belong is a finding, not a crash
+        con.execute("UPDATE materializations SET counts = NULL WHERE asset = 'mixed_tokens'")
+    messages = [i.message for i in verify(copy).issues if i.path == str(db)]
+    assert any(
+        m.startswith("materializations or drops of mixed_tokens[_all] ") and "unreadable row" in m for m in messages
+    )
 
 
 def test_metrics_locked_by_a_writer_are_left_unchecked_not_failed(copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
