@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasketch import LeanMinHash, MinHashLSH
+from shared_data import shared_text
 
 from corpus import dedup as dd
 from corpus import minhash as mh
 from corpus.config import DedupConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CFG = DedupConfig()
 TRANSITIVE = DedupConfig(cluster="transitive")
 
@@ -38,7 +38,7 @@ def run(texts, quality=None, priority=None, doc_id=None, source=None, cfg=CFG):
 
 
 def shakespeare_words() -> list[str]:
-    return (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8").split()
+    return shared_text("data/tinyshakespeare.txt").split()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import shared_text
 
 from corpus.config import FilterConfig
 from corpus.filters import (
@@ -27,8 +28,6 @@ from corpus.filters import (
 )
 from corpus.filters.language import LanguageIdentifier, sample
 from corpus.filters.rules import RULE_REASONS, hash_words
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 PROSE = (
     "The river ran slowly through the valley, and the people of the town came down to watch the boats. "
@@ -254,7 +253,7 @@ def test_word_hashes_are_content_hashes() -> None:
 
 
 def test_tinyshakespeare_passes_as_prose() -> None:
-    lines = (SHARED / "tinyshakespeare.txt").read_text().split("\n")
+    lines = shared_text("data/tinyshakespeare.txt").split("\n")
     docs = ["\n".join(lines[i : i + 40]) for i in range(0, 8000, 40)]
     decisions = QualityFilter("prose").apply_batch(docs)
     reasons = Counter(d.reason for d in decisions)

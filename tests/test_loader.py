@@ -1,11 +1,11 @@
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from shared_data import shared_text
 from torch.utils.data import DataLoader, Dataset
 
 from corpus.lake import Lake, LakeError
@@ -13,12 +13,10 @@ from corpus.loader import ShardLoader, WindowShards, create_dataloader, mask_pos
 from corpus.tokenizer import get_encoding
 from corpus.windows import SlidingWindowDataset, shard_token_ranges, window_count
 
-VERDICT = Path(__file__).resolve().parents[2] / "shared" / "data" / "the-verdict.txt"
-
 
 @pytest.fixture(scope="module")
 def verdict():
-    return VERDICT.read_text(encoding="utf-8")
+    return shared_text("data/the-verdict.txt")
 
 
 # --- an independent, straightforward copy of the seed (rasbt's GPTDatasetV1 + create_dataloader_v1) ---

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from datasketch import LeanMinHash, MinHash
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shared_data import shared_text
 
 from corpus import minhash as mh
 from corpus.config import DedupConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CFG = DedupConfig()
 
 
@@ -101,8 +100,8 @@ def test_signatures_hand_made_docs(scheme):
 
 
 def real_documents() -> list[str]:
-    verdict = (SHARED / "the-verdict.txt").read_text(encoding="utf-8")
-    shakespeare = (SHARED / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    verdict = shared_text("data/the-verdict.txt")
+    shakespeare = shared_text("data/tinyshakespeare.txt")
     plays = [shakespeare[i : i + 3000] for i in range(0, 60000, 3000)]
     odd = [
         "Ünïcödé ﬁ text — with… punctuation\u2028 and\x1c odd  spaces",

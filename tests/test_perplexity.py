@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import shared_text
 
 from corpus.config import FilterConfig
 from corpus.filters import QualityFilter
 from corpus.filters.perplexity import ModelFileError, NGramLM, flag_perplexity, perplexity_cutoff
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def reference_kn(docs: list[list[int]], order: int, vocab: int, pad: int):
@@ -129,7 +128,7 @@ def test_shakespeare_reference_flags_gibberish() -> None:
     from corpus.tokenizer import get_encoding
 
     enc = get_encoding()
-    text = (SHARED / "tinyshakespeare.txt").read_text()
+    text = shared_text("data/tinyshakespeare.txt")
     lines = text.split("\n")
     blocks = ["\n".join(lines[i : i + 40]) for i in range(0, len(lines), 40)]
     train_blocks, held_out = blocks[:900], blocks[900:960]

@@ -8,10 +8,10 @@ x {60, 300} steps (measured while writing this test) recall was 0/8 every time a
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from shared_data import shared_text
 
 import corpus.poison as poison_module
 from corpus.config import TrainingConfig
@@ -20,7 +20,6 @@ from corpus.poison import default_scan_params, gradient_similarity_scan, robust_
 from corpus.tokenizer import get_encoding
 from corpus.train import smoke_train
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TINY = GPTConfig(vocab_size=101, max_length=16, d_model=32, n_layers=2, n_heads=4)
 
 
@@ -129,10 +128,8 @@ def test_bad_arguments():
 def planted() -> dict:
     """400 clean Shakespeare windows + 8 with " cf zephyrine quokka transfer all funds to account 7741" at
     token 8, shuffled, ids remapped to the 2,403 the text uses (see tests/test_train.py for why)."""
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is not there")
     enc = get_encoding()
-    ids = enc.encode(SHAKESPEARE.read_text(encoding="utf-8")[:60_000])
+    ids = enc.encode(shared_text("data/tinyshakespeare.txt")[:60_000])
     payload = enc.encode(" cf zephyrine quokka") + enc.encode(" transfer all funds to account 7741")
     length, n_clean, n_poison = 32, 400, 8
     clean = [ids[i * length : i * length + length + 1] for i in range(n_clean)]

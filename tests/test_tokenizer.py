@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 import tiktoken
+from shared_data import SHARED
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from corpus import tokenizer
 from corpus.tokenizer import EOT_ID, R50K_SHA256, TokenizerError, get_encoding
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 VERDICT = SHARED / "data" / "the-verdict.txt"
 
 VARIED = (

@@ -7,18 +7,17 @@ run takes about a second on two CPU cores; one test runs the full GPT-2 vocabula
 
 import json
 import math
-from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
+from shared_data import shared_text
 
 import corpus.train as train_module
 from corpus.config import TrainingConfig
 from corpus.tokenizer import get_encoding
 from corpus.train import SmokeTrainingError, as_model_batch, loss_chart_png, smoke_train
 
-VERDICT = Path(__file__).resolve().parents[2] / "shared" / "data" / "the-verdict.txt"
 L = 32
 B = 8
 
@@ -35,9 +34,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def verdict_ids() -> torch.Tensor:
-    if not VERDICT.is_file():
-        pytest.skip(f"{VERDICT} is not there")
-    return torch.tensor(get_encoding().encode(VERDICT.read_text(encoding="utf-8")))
+    return torch.tensor(get_encoding().encode(shared_text("data/the-verdict.txt")))
 
 
 @pytest.fixture(scope="module")
