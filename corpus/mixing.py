@@ -353,8 +353,21 @@ def _solve_water_fill(p: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> tu
 
 
 def _largest_remainder(exact: np.ndarray, total: int, ceiling: np.ndarray) -> np.ndarray:
-    """Integers summing to `total`, never above `ceiling`: floors, +1 by largest remainder, then any headroom."""
+    """Integers summing to `total`, never above `ceiling`: floors, +1 by largest remainder, then any headroom.
+
+    An exact amount above its whole-token ceiling (a max_share of 0.1 of 2,288 tokens is 228.8, its ceiling
+    228) is clamped first and the excess shared among the sources below their ceilings in proportion to their
+    amounts, so those keep their ratios to within one token of rounding each.
+    """
     assert total <= int(ceiling.sum()), f"total {total} above the ceilings {ceiling}"
+    exact = np.asarray(exact, dtype=np.float64).copy()
+    while bool((over := exact > ceiling).any()):  # each pass clamps at least one more source
+        excess = float((exact[over] - ceiling[over]).sum())
+        exact[over] = ceiling[over]
+        room = (exact < ceiling) & (exact > 0)
+        if not room.any():
+            break
+        exact[room] += excess * exact[room] / exact[room].sum()
     base = np.minimum(np.floor(exact).astype(np.int64), ceiling)
     rem = np.where(base < ceiling, exact - base, -1.0)
     for i in np.lexsort((np.arange(len(exact)), -rem)):

@@ -329,6 +329,9 @@ def test_plan_empty_source_gets_nothing():
     budget=st.one_of(st.none(), st.integers(1, 200_000)),
 )
 @example(tokens=[35, 28, 35, 14, 14, 14], caps=[None] * 6, max_shares=[None] * 3 + [0.1] * 3, a=1.0, budget=229)
+@example(
+    tokens=[233, 296, 58, 58, 58], caps=[None] * 6, max_shares=[None, None, 0.1, 0.1, 0.1, None], a=0.5, budget=2288
+)
 def test_plan_water_filling_properties(tokens, caps, max_shares, a, budget):
     srcs = [source(f"s{i}", [t], i, max_epochs=caps[i], max_share=max_shares[i]) for i, t in enumerate(tokens)]
     want = sum(tokens) if budget is None else budget

@@ -41,7 +41,7 @@ from corpus.stages import StageOutput
 from corpus.stages.io import ParquetSink, read_tokens, write_rows
 from corpus.stages.spans import SpanView, span_policy_view
 
-PLAN_CODE_VERSION = "mixture_plan/2"  # 2: documents under repeated_spans' span_policy
+PLAN_CODE_VERSION = "mixture_plan/3"  # 3: whole-token ceilings share their excess with the free sources; 2: span_policy
 MIXED_CODE_VERSION = "mixed_tokens/2"  # 2: span_policy applied; stream index rows are pieces with `offset`
 SHARE_TOLERANCE_PP = 0.5
 
